@@ -1,0 +1,159 @@
+"""Settings for the ragcache demo project.
+
+Everything that differs between machines comes from the environment, with defaults that
+work on a developer's laptop: REDIS_URL, DATABASE_URL, CELERY_BROKER_URL, SECRET_KEY, DEBUG.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+RUN_DIR = BASE_DIR / ".run"
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def redis_url_with_db(url: str, db: int) -> str:
+    """The same Redis server as ``url`` but another logical database."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
+
+
+def development_secret_key() -> str:
+    # Generated once per checkout and kept in .run/ (git-ignored): never committed, and
+    # stable across restarts so logins survive.
+    RUN_DIR.mkdir(exist_ok=True)
+    key_file = RUN_DIR / "secret_key"
+    if not key_file.exists():
+        key_file.write_text(secrets.token_urlsafe(50))
+        key_file.chmod(0o600)
+    return key_file.read_text().strip()
+
+
+DEBUG = env_bool("DEBUG", True)
+SECRET_KEY = os.environ.get("SECRET_KEY") or development_secret_key()
+ALLOWED_HOSTS = [h for h in os.environ.get("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",") if h]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_prometheus",
+    "ragcache",
+    "project.demo",
+]
+
+MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+WSGI_APPLICATION = "project.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}",
+        conn_max_age=60,
+    )
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    # ragcache's own alias. JSON serializer: nothing in this Redis is ever unpickled.
+    # Short socket timeouts bound a lookup when Redis stalls; ragcache then treats it
+    # as a miss and its circuit breaker stops paying the timeout on every request.
+    "ragcache": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": REDIS_URL,
+        "OPTIONS": {
+            "CLIENT_CLASS": "django_redis.client.DefaultClient",
+            "SERIALIZER": "django_redis.serializers.json.JSONSerializer",
+            "SOCKET_CONNECT_TIMEOUT": float(os.environ.get("RAGCACHE_CONNECT_TIMEOUT", "0.1")),
+            "SOCKET_TIMEOUT": float(os.environ.get("RAGCACHE_SOCKET_TIMEOUT", "0.1")),
+        },
+    },
+}
+
+RAGCACHE = {
+    "CACHE_ALIAS": "ragcache",
+    "KEY_PREFIX": os.environ.get("RAGCACHE_KEY_PREFIX", "ragcache"),
+    "METRICS_ALLOWED_IPS": ["127.0.0.1", "::1"],
+    "METRICS_BEARER_TOKEN": os.environ.get("RAGCACHE_METRICS_TOKEN") or None,
+}
+
+# Celery: the broker lives on the same Redis server but in another logical database, so
+# ragcache's purge (which only ever touches its own prefix) and the broker never meet.
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or redis_url_with_db(REDIS_URL, 1)
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BEAT_SCHEDULE = {
+    "ragcache-aggregate-usage": {
+        "task": "ragcache.tasks.aggregate_usage",
+        "schedule": float(os.environ.get("RAGCACHE_AGGREGATE_EVERY", "60")),
+    },
+}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / ".run" / "static"
+
+# Demo fake LLM: how long it "thinks" (ms), so the cache's effect is visible.
+DEMO_LLM_DELAY_MS = int(os.environ.get("DEMO_LLM_DELAY_MS", "800"))
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "ragcache": {"handlers": ["console"], "level": os.environ.get("RAGCACHE_LOG_LEVEL", "INFO"), "propagate": False},
+    },
+}

@@ -1,0 +1,60 @@
+"""ragcache's Prometheus metrics, defined once.
+
+Labels are bounded: policy names (admin-defined, few) and model names (capped to
+``RAGCACHE['METRICS_MODELS']`` when set, else to the first 50 seen, then "other").
+Never a user, scope, key or prompt.
+"""
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LOOKUPS = Counter(
+    "ragcache_lookups", "Cache lookups by policy and result (hit, miss, shadow_hit, bypass, error).",
+    ["policy", "result"],
+)
+STORES = Counter("ragcache_stores", "Store attempts by policy and result (stored, refused, error).", ["policy", "result"])
+REFUSALS = Counter("ragcache_refusals", "Answers refused for storage, by reason.", ["policy", "reason"])
+LOOKUP_SECONDS = Histogram(
+    "ragcache_lookup_seconds", "Time of a cache lookup, including the Redis round trip.", ["policy"],
+    buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+TOKENS_AVOIDED = Counter("ragcache_tokens_avoided", "Prompt + completion tokens not paid for thanks to hits.", ["policy", "model"])
+COST_AVOIDED = Counter("ragcache_cost_avoided", "Cost (entry's currency) not paid thanks to hits.", ["policy", "model"])
+ENTRY_BYTES = Histogram(
+    "ragcache_entry_bytes", "Size of stored entries (after compression).",
+    buckets=(256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304),
+)
+USAGE_BACKLOG = Gauge("ragcache_usage_backlog", "Usage events in Redis not yet aggregated.", multiprocess_mode="max")
+REDIS_UP = Gauge("ragcache_redis_up", "1 if the last Redis call succeeded, else 0.", multiprocess_mode="min")
+AGGREGATION_RUNS = Counter("ragcache_aggregation_runs", "Aggregation runs by result (ok, busy, error).", ["result"])
+AGGREGATION_SECONDS = Histogram(
+    "ragcache_aggregation_seconds", "Duration of an aggregation run.",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)
+AGGREGATED_EVENTS = Counter("ragcache_aggregated_events", "Usage events written to the database.")
+
+MAX_MODEL_LABELS = 50
+_seen_models: set[str] = set()
+_models_lock = threading.Lock()
+
+
+def model_label(model: str) -> str:
+    from .conf import get_config
+
+    allowed = get_config()["METRICS_MODELS"]
+    if allowed is not None:
+        return model if model in allowed else "other"
+    if model in _seen_models:
+        return model
+    with _models_lock:
+        if len(_seen_models) < MAX_MODEL_LABELS:
+            _seen_models.add(model)
+            return model
+    return "other"
+
+CORRUPT_ENTRIES = Counter(
+    "ragcache_corrupt_entries", "Unreadable or foreign entries found at ragcache keys (deleted, served as misses).",
+    ["policy"],
+)
