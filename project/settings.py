@@ -92,6 +92,9 @@ DATABASES = {
         conn_max_age=60,
     )
 }
+if os.environ.get("DATABASE_TEST_NAME"):
+    # Lets parallel test runs on one PostgreSQL server use distinct test databases.
+    DATABASES["default"]["TEST"] = {"NAME": os.environ["DATABASE_TEST_NAME"]}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
@@ -123,6 +126,7 @@ RAGCACHE = {
 # Celery: the broker lives on the same Redis server but in another logical database, so
 # ragcache's purge (which only ever touches its own prefix) and the broker never meet.
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or redis_url_with_db(REDIS_URL, 1)
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_QUEUE", "celery")
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
