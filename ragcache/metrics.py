@@ -7,6 +7,7 @@ Never a user, scope, key or prompt.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -14,35 +15,62 @@ LOOKUPS = Counter(
     "ragcache_lookups", "Cache lookups by policy and result (hit, miss, shadow_hit, bypass, error).",
     ["policy", "result"],
 )
-STORES = Counter("ragcache_stores", "Store attempts by policy and result (stored, refused, error).", ["policy", "result"])
+STORES = Counter(
+    "ragcache_stores", "Store attempts by policy and result (stored, refused, error).", ["policy", "result"]
+)
 REFUSALS = Counter("ragcache_refusals", "Answers refused for storage, by reason.", ["policy", "reason"])
 LOOKUP_SECONDS = Histogram(
     "ragcache_lookup_seconds", "Time of a cache lookup, including the Redis round trip.", ["policy"],
     buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
-TOKENS_AVOIDED = Counter("ragcache_tokens_avoided", "Prompt + completion tokens not paid for thanks to hits.", ["policy", "model"])
+TOKENS_AVOIDED = Counter(
+    "ragcache_tokens_avoided", "Prompt + completion tokens not paid for thanks to hits.", ["policy", "model"]
+)
 COST_AVOIDED = Counter("ragcache_cost_avoided", "Cost (entry's currency) not paid thanks to hits.", ["policy", "model"])
 ENTRY_BYTES = Histogram(
     "ragcache_entry_bytes", "Size of stored entries (after compression).",
     buckets=(256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304),
 )
-USAGE_BACKLOG = Gauge("ragcache_usage_backlog", "Usage events in Redis not yet aggregated.", multiprocess_mode="max")
-REDIS_UP = Gauge("ragcache_redis_up", "1 if the last Redis call succeeded, else 0.", multiprocess_mode="min")
+# Multiprocess modes (PROMETHEUS_MULTIPROC_DIR): the backlog is one shared number, so the
+# latest reading wins even if the process that took it has exited; Redis up/down is the
+# latest observation of a process still alive (mark_process_dead drops the others).
+USAGE_BACKLOG = Gauge(
+    "ragcache_usage_backlog", "Usage events in Redis not yet aggregated.", multiprocess_mode="mostrecent"
+)
+REDIS_UP = Gauge(
+    "ragcache_redis_up", "1 if the latest Redis call succeeded, else 0.", multiprocess_mode="livemostrecent"
+)
+# Timestamps only grow, so the max over all processes is the latest run.
+LAST_AGGREGATION = Gauge(
+    "ragcache_last_aggregation_timestamp_seconds", "Unix time of the last successful aggregation run (0: never).",
+    multiprocess_mode="max",
+)
 AGGREGATION_RUNS = Counter("ragcache_aggregation_runs", "Aggregation runs by result (ok, busy, error).", ["result"])
 AGGREGATION_SECONDS = Histogram(
     "ragcache_aggregation_seconds", "Duration of an aggregation run.",
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
 )
 AGGREGATED_EVENTS = Counter("ragcache_aggregated_events", "Usage events written to the database.")
+CORRUPT_ENTRIES = Counter(
+    "ragcache_corrupt_entries", "Unreadable or foreign entries found at ragcache keys (deleted, served as misses).",
+    ["policy"],
+)
 
 MAX_MODEL_LABELS = 50
+MAX_MODEL_LABEL_LENGTH = 100
 _seen_models: set[str] = set()
 _models_lock = threading.Lock()
 
 
 def model_label(model: str) -> str:
+    """The ``model`` label value: the name if allowed, else "other". Every metric with a
+    model label goes through here, so the number of series stays bounded (per process:
+    without ``METRICS_MODELS`` each process keeps the first MAX_MODEL_LABELS it sees)."""
     from .conf import get_config
 
+    model = str(model or "")
+    if len(model) > MAX_MODEL_LABEL_LENGTH:
+        return "other"
     allowed = get_config()["METRICS_MODELS"]
     if allowed is not None:
         return model if model in allowed else "other"
@@ -54,7 +82,18 @@ def model_label(model: str) -> str:
             return model
     return "other"
 
-CORRUPT_ENTRIES = Counter(
-    "ragcache_corrupt_entries", "Unreadable or foreign entries found at ragcache keys (deleted, served as misses).",
-    ["policy"],
-)
+
+
+_children: dict[tuple, Any] = {}
+
+
+def child(metric, *labelvalues: str):
+    """``metric.labels(*labelvalues)``, remembered: labels() validates, takes a lock and
+    builds a tuple on every call to return the same child each time (the hit path calls
+    it four times). Label values are bounded (policies, results, capped models), so is
+    this dict. Do not combine with ``metric.remove()``/``clear()``."""
+    key = (metric, labelvalues)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labelvalues)
+    return found

@@ -34,8 +34,13 @@ def _forbidden() -> HttpResponse:
 def metrics_view(request: HttpRequest) -> HttpResponse:
     if not access_allowed(request):
         return _forbidden()
+    # Shared state lives in Redis: read it at scrape time, so these gauges are right
+    # whichever process (web, Celery, another host) did the work.
     try:
         metrics.USAGE_BACKLOG.set(store.backlog())
+        last = store.last_aggregation()
+        if last:
+            metrics.LAST_AGGREGATION.set(last)
     except store.RedisUnavailable:
         pass  # ragcache_redis_up already says so
     return ExportToDjangoView(request)

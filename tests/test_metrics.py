@@ -1,0 +1,206 @@
+"""/metrics: ragcache's own series, scraped through the Django test client, move by
+exactly what a known sequence of calls did; labels stay bounded."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from ragcache import metrics, store
+from ragcache.services import cache_service
+
+Samples = dict[tuple[str, frozenset], float]
+
+
+def scrape(client, **extra) -> Samples:
+    """Every sample of a /metrics scrape, keyed by (sample name, labels)."""
+    response = client.get("/metrics", **extra)
+    assert response.status_code == 200, response.content[:200]
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.content.decode()):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; a labelled series that does not exist yet counts as 0."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def exported_sample_names() -> set[str]:
+    """The sample names ragcache's metrics produce, read from the live registry."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_count", "_sum", "_created"),
+    }
+    names = set()
+    for family in REGISTRY.collect():
+        if family.name.startswith("ragcache_"):
+            names.update(family.name + suffix for suffix in suffixes[family.type])
+    return names
+
+
+def answer(text: str, prompt_tokens: int = 12, completion_tokens: int = 30, cost: str = "0.0042") -> dict:
+    return {
+        "choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+        "cost": cost,
+    }
+
+
+def wait_breaker_closed() -> None:
+    # The breaker re-probes Redis after BREAKER_COOLDOWN (set tiny by the tests).
+    deadline = time.monotonic() + 5
+    while store.breaker.open_until and time.monotonic() < store.breaker.open_until and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.mark.django_db
+def test_known_sequence_moves_counters_by_exact_deltas(client, private_redis, policy_factory, settings):
+    settings.RAGCACHE = {**settings.RAGCACHE, "BREAKER_COOLDOWN": 0.05}
+    policy = f"obs{uuid.uuid4().hex[:8]}"  # a label no other test touches: deltas are exact
+    policy_factory(policy)
+    model = "gpt-obs-test"
+    question = [{"role": "user", "content": "What does the observability test measure?"}]
+    before = scrape(client)
+    assert value(before, "ragcache_redis_up") == 1
+
+    # miss + store (the call's answer is admitted and written)
+    first = cache_service.get_or_call(question, lambda: answer("It measures deltas."), model=model, policy=policy)
+    assert first.hit is False
+    # hit: avoids 12 + 30 tokens and the answer's cost
+    second = cache_service.get_or_call(question, lambda: pytest.fail("must be a hit"), model=model, policy=policy)
+    assert second.hit is True
+    # refusal: a truncated answer is never stored
+    truncated = answer("It measu")
+    truncated["choices"][0]["finish_reason"] = "length"
+    assert cache_service.cache_response("another question", truncated, model=model, policy=policy) is False
+
+    middle = scrape(client)
+    private_redis.stop()
+    # Redis error: the lookup is a miss for the caller, an error for the metrics, and so is the store.
+    assert cache_service.get_cached_response("a third question", model=model, policy=policy) is None
+    wait_breaker_closed()
+    assert cache_service.cache_response("a third question", answer("x"), model=model, policy=policy) is False
+    down = scrape(client)
+    private_redis.start()
+    wait_breaker_closed()
+    after = scrape(client)  # the scrape itself reads the backlog: Redis is seen up again
+
+    assert delta(before, middle, "ragcache_lookups_total", policy=policy, result="miss") == 1
+    assert delta(before, middle, "ragcache_lookups_total", policy=policy, result="hit") == 1
+    assert delta(before, middle, "ragcache_lookups_total", policy=policy, result="error") == 0
+    assert delta(before, middle, "ragcache_stores_total", policy=policy, result="stored") == 1
+    assert delta(before, middle, "ragcache_stores_total", policy=policy, result="refused") == 1
+    assert delta(before, middle, "ragcache_refusals_total", policy=policy, reason="truncated") == 1
+    assert delta(before, middle, "ragcache_tokens_avoided_total", policy=policy, model=model) == 42
+    assert delta(before, middle, "ragcache_cost_avoided_total", policy=policy, model=model) == pytest.approx(0.0042)
+    # Only lookups that reached Redis are timed (miss + hit); one entry was written.
+    assert delta(before, middle, "ragcache_lookup_seconds_count", policy=policy) == 2
+    assert delta(before, middle, "ragcache_entry_bytes_count") == 1
+    assert delta(before, middle, "ragcache_lookup_seconds_bucket", policy=policy, le="+Inf") == 2
+
+    assert delta(middle, down, "ragcache_lookups_total", policy=policy, result="error") == 1
+    assert delta(middle, down, "ragcache_stores_total", policy=policy, result="error") == 1
+    assert delta(middle, down, "ragcache_lookup_seconds_count", policy=policy) == 0
+    assert delta(middle, down, "ragcache_tokens_avoided_total", policy=policy, model=model) == 0
+    assert value(down, "ragcache_redis_up") == 0
+    assert value(after, "ragcache_redis_up") == 1
+    # Nothing else moved on the way back up.
+    assert delta(down, after, "ragcache_lookups_total", policy=policy, result="error") == 0
+    assert delta(down, after, "ragcache_stores_total", policy=policy, result="stored") == 0
+
+
+@pytest.mark.django_db
+def test_backlog_and_last_aggregation_gauges_are_read_at_scrape_time(client, policy_factory):
+    from ragcache.usage import aggregate
+
+    policy_factory("default")
+    cache_service.get_or_call("backlog question", lambda: answer("backlog answer"), model="m")
+    samples = scrape(client)
+    assert value(samples, "ragcache_usage_backlog") == 2  # miss + store events, not yet aggregated
+    started = time.time()
+    result = aggregate()
+    assert result.ingested == 2
+    samples = scrape(client)
+    assert value(samples, "ragcache_usage_backlog") == 0
+    assert value(samples, "ragcache_last_aggregation_timestamp_seconds") >= int(started)
+    assert value(samples, "ragcache_aggregation_runs_total", result="ok") >= 1
+    assert value(samples, "ragcache_aggregation_seconds_count") >= 1
+
+
+@pytest.mark.django_db
+def test_labels_never_carry_scope_key_or_prompt(client, policy_factory):
+    policy = f"iso{uuid.uuid4().hex[:8]}"
+    policy_factory(policy, scope="user")
+    prompt = "zebra-unique-prompt-text-7731"
+    scope = "user-alice-4417"
+    first = cache_service.get_or_call(
+        prompt, lambda: answer("zebra-answer-9914"), model="m", policy=policy, scope=scope
+    )
+    second = cache_service.get_or_call(prompt, lambda: answer("never"), model="m", policy=policy, scope=scope)
+    assert second.hit is True
+    text = client.get("/metrics").content.decode()
+    assert f'policy="{policy}"' in text  # the sequence is in this scrape...
+    scope_part, key_hash = first.key.split(":")[-2:]
+    for secret in (prompt, "zebra-answer-9914", scope, scope_part, key_hash, key_hash[:16]):
+        assert secret not in text  # ...but nothing that identifies a user, entry or prompt
+    label_names = set()
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("ragcache_"):
+            for sample in family.samples:
+                label_names.update(sample.labels)
+    assert label_names <= {"policy", "result", "model", "reason", "le"}
+
+
+def test_contract_metric_names_and_types_are_exported():
+    names = exported_sample_names()
+    for name in ("ragcache_lookups_total", "ragcache_stores_total", "ragcache_tokens_avoided_total",
+                 "ragcache_cost_avoided_total", "ragcache_aggregation_runs_total", "ragcache_lookup_seconds_bucket",
+                 "ragcache_entry_bytes_bucket", "ragcache_aggregation_seconds_bucket", "ragcache_usage_backlog",
+                 "ragcache_redis_up", "ragcache_last_aggregation_timestamp_seconds"):
+        assert name in names
+    assert metrics.LOOKUPS._labelnames == ("policy", "result")
+    assert metrics.STORES._labelnames == ("policy", "result")
+    assert metrics.LOOKUP_SECONDS._labelnames == ("policy",)
+    assert metrics.TOKENS_AVOIDED._labelnames == ("policy", "model")
+    assert metrics.COST_AVOIDED._labelnames == ("policy", "model")
+    assert metrics.AGGREGATION_RUNS._labelnames == ("result",)
+    # Buckets resolve a 50 µs Redis hit and a 1 s stall.
+    buckets = metrics.LOOKUP_SECONDS._upper_bounds
+    assert buckets[0] == 0.00005 and 1.0 in buckets and buckets[-1] == float("inf")
+
+
+def test_model_label_is_capped(monkeypatch, settings):
+    monkeypatch.setattr(metrics, "_seen_models", set())
+    monkeypatch.setattr(metrics, "MAX_MODEL_LABELS", 3)
+    assert [metrics.model_label(m) for m in ("a", "b", "c", "d", "a")] == ["a", "b", "c", "other", "a"]
+    assert metrics.model_label("x" * 101) == "other"
+    settings.RAGCACHE = {**settings.RAGCACHE, "METRICS_MODELS": ["gpt-4o", "gpt-4o-mini"]}
+    assert metrics.model_label("gpt-4o") == "gpt-4o"
+    assert metrics.model_label("a") == "other"
+
+
+@pytest.mark.django_db
+def test_unknown_models_are_reported_as_other(client, policy_factory, settings):
+    settings.RAGCACHE = {**settings.RAGCACHE, "METRICS_MODELS": ["known-model"]}
+    policy = f"mdl{uuid.uuid4().hex[:8]}"
+    policy_factory(policy)
+    for model in ("known-model", "some-new-model-2031"):
+        cache_service.get_or_call("q", lambda: answer("a", 1, 2, "0.5"), model=model, policy=policy)
+        assert cache_service.get_or_call("q", lambda: answer("b"), model=model, policy=policy).hit
+    samples = scrape(client)
+    assert value(samples, "ragcache_tokens_avoided_total", policy=policy, model="known-model") == 3
+    assert value(samples, "ragcache_tokens_avoided_total", policy=policy, model="other") == 3
+    assert value(samples, "ragcache_cost_avoided_total", policy=policy, model="other") == 0.5
+    assert ("ragcache_tokens_avoided_total", frozenset({"policy": policy, "model": "some-new-model-2031"}.items())) \
+        not in samples
