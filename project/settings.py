@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -95,6 +96,11 @@ DATABASES = {
 if os.environ.get("DATABASE_TEST_NAME"):
     # Lets parallel test runs on one PostgreSQL server use distinct test databases.
     DATABASES["default"]["TEST"] = {"NAME": os.environ["DATABASE_TEST_NAME"]}
+elif DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # A file rather than Django's in-memory default, so that a Celery worker subprocess
+    # started by the tests can open the same test database; per process, so parallel
+    # test runs never share one.
+    DATABASES["default"]["TEST"] = {"NAME": str(Path(tempfile.gettempdir()) / f"ragcache-test-{os.getpid()}.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
@@ -122,6 +128,11 @@ RAGCACHE = {
     "METRICS_ALLOWED_IPS": ["127.0.0.1", "::1"],
     "METRICS_BEARER_TOKEN": os.environ.get("RAGCACHE_METRICS_TOKEN") or None,
 }
+# Optional aggregation tuning from the environment (also how tests configure worker subprocesses).
+if os.environ.get("RAGCACHE_AGGREGATION_LOCK_TIMEOUT"):
+    RAGCACHE["AGGREGATION_LOCK_TIMEOUT"] = float(os.environ["RAGCACHE_AGGREGATION_LOCK_TIMEOUT"])
+if os.environ.get("RAGCACHE_AGGREGATE_BATCH"):
+    RAGCACHE["AGGREGATE_BATCH"] = int(os.environ["RAGCACHE_AGGREGATE_BATCH"])
 
 # Celery: the broker lives on the same Redis server but in another logical database, so
 # ragcache's purge (which only ever touches its own prefix) and the broker never meet.

@@ -1,13 +1,34 @@
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db import models
+from django.template.response import TemplateResponse
+from django.urls import path
 from django.utils.html import format_html
 
+from . import store
+from .conf import get_config
 from .models import CacheFlags, CachePolicy, ModelPrice, UsageRecord, UsageRollup
+from .reports import build_report, chart
+
+
+class _BoundedJSONDecoder(json.JSONDecoder):
+    """Input nested too deeply for Python's parser is invalid JSON (a form error), not a 500."""
+
+    def decode(self, s, *args, **kwargs):
+        try:
+            return super().decode(s, *args, **kwargs)
+        except RecursionError:
+            raise json.JSONDecodeError("nested too deeply", s, 0) from None
 
 
 @admin.register(CachePolicy)
 class CachePolicyAdmin(admin.ModelAdmin):
+    formfield_overrides = {models.JSONField: {"decoder": _BoundedJSONDecoder}}
     list_display = ("name", "enabled", "mode", "ttl_seconds", "scope", "rollout_percent", "generation", "updated_at")
     list_editable = ("enabled", "mode", "ttl_seconds", "scope", "rollout_percent")
     list_filter = ("enabled", "mode", "scope")
@@ -23,7 +44,9 @@ class CachePolicyAdmin(admin.ModelAdmin):
 
     @admin.display(description="key recipe")
     def key_recipe(self, obj: CachePolicy) -> str:
-        params = ", ".join(obj.key_params or []) or "none"
+        # str(): a form re-shown with invalid input (e.g. [1]) must show its errors, not a 500.
+        raw = obj.key_params if isinstance(obj.key_params, list) else []
+        params = ", ".join(str(p) for p in raw) or "none"
         scope = "none (shared by all callers)" if obj.scope == "global" else f"the caller's {obj.scope} id (hashed)"
         return format_html(
             "sha256 of canonical JSON of: every message (all roles, in order{}), the model, the params "
@@ -100,3 +123,33 @@ class UsageRollupAdmin(ReadOnlyAdmin):
     @admin.display(description="hit rate")
     def hit_rate_display(self, obj: UsageRollup) -> str:
         return f"{obj.hit_rate:.1%}"
+
+    def get_urls(self):
+        report = path("report/", self.admin_site.admin_view(self.report_view), name="ragcache_usagerollup_report")
+        return [report, *super().get_urls()]
+
+    def report_view(self, request):
+        """Last 24 h and 7 days per policy and model, with a server-drawn chart."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        sections = []
+        for label, hours in (("Last 24 hours", 24), ("Last 7 days", 7 * 24)):
+            report = build_report(hours=hours)
+            rows = [dict(row.as_dict(), hit_rate_pct=f"{row.hit_rate:.1%}") for row in report.rows]
+            totals = dict(report.totals.as_dict(), hit_rate_pct=f"{report.totals.hit_rate:.1%}")
+            sections.append({"label": label, "report": report, "rows": rows, "totals": totals,
+                             "chart": chart(report.series, report.step)})
+        try:
+            backlog, last = store.backlog(), store.last_aggregation()
+        except store.RedisUnavailable:
+            backlog, last = None, None  # the page still shows the database figures
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "RAG cache usage report",
+            "opts": self.model._meta,
+            "sections": sections,
+            "backlog": backlog,
+            "backlog_max": get_config()["STREAM_MAXLEN"],
+            "last_aggregation": datetime.fromtimestamp(last, UTC) if last else None,
+        }
+        return TemplateResponse(request, "admin/ragcache/usage_report.html", context)

@@ -1,0 +1,89 @@
+"""Print what the cache did and saved, per policy and model, from the hourly rollups.
+
+    manage.py ragcache_report [--hours 24] [--policy NAME] [--format table|json]
+
+Reads only the database (run ``ragcache_aggregate`` first for up-to-the-minute figures).
+``--policy`` must name a current policy or one that has rollups; any other name is a
+``CommandError`` listing the known names, so a typo is never mistaken for "no traffic".
+JSON output keeps counts as integers and costs as decimal strings (exact).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from django.core.management.base import BaseCommand, CommandError
+
+from ragcache.reports import MAX_HOURS, Report, build_report, known_policies
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= MAX_HOURS:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive whole number of hours (at most {MAX_HOURS}), not {value!r}"
+        )
+    return number
+
+
+COLUMNS = (
+    ("policy", "policy"), ("model", "model"), ("lookups", "lookups"), ("hits", "hits"), ("misses", "misses"),
+    ("hit rate", "hit_rate"), ("shadow hits", "shadow_hits"), ("stores", "stores"), ("refusals", "refusals"),
+    ("bypasses", "bypasses"), ("tokens avoided", "tokens_avoided"), ("cost avoided", "cost_avoided"),
+    ("latency avoided (s)", "latency_avoided_s"),
+)
+
+
+def _cells(row: dict) -> list[str]:
+    row = dict(row, hit_rate=f"{row['hit_rate']:.1%}", latency_avoided_s=f"{row['latency_avoided_ms'] / 1000:.1f}")
+    return [str(row[key]) for _, key in COLUMNS]
+
+
+def render_table(report: Report) -> str:
+    header = [title for title, _ in COLUMNS]
+    body = [_cells(row.as_dict()) for row in report.rows]
+    total = _cells(report.totals.as_dict())
+    widths = [max(len(cells[i]) for cells in [header, *body, total]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        # Names left-aligned, figures right-aligned.
+        padded = (c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(padded).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    scope = f"policy {report.policy}" if report.policy else "all policies"
+    lines = [
+        f"ragcache usage, last {report.hours} h ({report.since:%Y-%m-%d %H:%M} to {report.until:%Y-%m-%d %H:%M} UTC), "
+        f"{scope}",
+        line(header),
+        rule,
+        *[line(cells) for cells in body],
+    ]
+    if not body:
+        lines.append("(no usage in this window)")
+    lines += [rule, line(total)]
+    return "\n".join(lines)
+
+
+class Command(BaseCommand):
+    help = "Report lookups, hits, misses, hit rate, tokens and cost avoided per policy and model."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--hours", type=positive_int, default=24, metavar="N",
+                            help="Cover the last N hourly periods, the current one included (default 24).")
+        parser.add_argument("--policy", metavar="NAME", help="Only this policy.")
+        parser.add_argument("--format", choices=("table", "json"), default="table", help="Output format.")
+
+    def handle(self, *args, hours: int, policy: str | None, format: str, **options) -> None:
+        if policy is not None:
+            known = known_policies()
+            if policy not in known:
+                raise CommandError(f"No policy named {policy!r}. Known: {', '.join(sorted(known)) or 'none'}.")
+        report = build_report(hours=hours, policy=policy)
+        if format == "json":
+            self.stdout.write(json.dumps(report.as_dict(), indent=2))
+        else:
+            self.stdout.write(render_table(report))

@@ -1,0 +1,215 @@
+"""Usage reports built from the hourly ``UsageRollup`` rows (ORM only, no Redis).
+
+A report covers the last ``hours`` hourly periods, the current (partial) hour included:
+with ``hours=24`` at 14:20 UTC it covers 15:00 yesterday up to now. Figures are grouped
+per (policy, model), with a totals row and a time series for the chart. Sums are done in
+Python over the rollup rows so that costs stay exact ``Decimal`` values on every database.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.utils import timezone
+
+from .models import UsageRollup
+
+COUNTS = ("lookups", "hits", "misses", "shadow_hits", "stores", "refusals", "bypasses", "tokens_avoided")
+# Above this many hours the chart has one point per day instead of one per hour.
+HOURLY_SERIES_MAX_HOURS = 48
+# Ten years: longer windows would only overflow date arithmetic.
+MAX_HOURS = 10 * 365 * 24
+
+
+@dataclass
+class ReportRow:
+    policy: str
+    model: str
+    lookups: int = 0
+    hits: int = 0
+    misses: int = 0
+    shadow_hits: int = 0
+    stores: int = 0
+    refusals: int = 0
+    bypasses: int = 0
+    tokens_avoided: int = 0
+    cost_avoided: Decimal = field(default_factory=Decimal)
+    latency_avoided_ms: float = 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        """Hits over lookups (shadow hits are lookups that were not served)."""
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    def add(self, other: ReportRow | dict) -> None:
+        get = other.get if isinstance(other, dict) else lambda name: getattr(other, name)
+        for name in COUNTS:
+            setattr(self, name, getattr(self, name) + int(get(name)))
+        self.cost_avoided += Decimal(get("cost_avoided"))
+        self.latency_avoided_ms += float(get("latency_avoided_ms"))
+
+    def as_dict(self) -> dict:
+        data = {"policy": self.policy, "model": self.model}
+        data.update({name: getattr(self, name) for name in COUNTS})
+        data["hit_rate"] = round(self.hit_rate, 4)
+        data["cost_avoided"] = str(self.cost_avoided.quantize(Decimal("0.000001")))
+        data["latency_avoided_ms"] = round(self.latency_avoided_ms, 3)
+        return data
+
+
+@dataclass
+class SeriesPoint:
+    start: datetime
+    lookups: int = 0
+    hits: int = 0
+    cost_avoided: Decimal = field(default_factory=Decimal)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "start": self.start.isoformat(),
+            "lookups": self.lookups,
+            "hits": self.hits,
+            "hit_rate": round(self.hit_rate, 4),
+            "cost_avoided": str(self.cost_avoided.quantize(Decimal("0.000001"))),
+        }
+
+
+@dataclass
+class Report:
+    hours: int
+    since: datetime
+    until: datetime
+    policy: str | None
+    step: str  # "hour" or "day": the series' resolution
+    rows: list[ReportRow]
+    totals: ReportRow
+    series: list[SeriesPoint]
+
+    def as_dict(self) -> dict:
+        return {
+            "hours": self.hours,
+            "since": self.since.isoformat(),
+            "until": self.until.isoformat(),
+            "policy": self.policy,
+            "series_step": self.step,
+            "rows": [row.as_dict() for row in self.rows],
+            "totals": self.totals.as_dict(),
+            "series": [point.as_dict() for point in self.series],
+        }
+
+
+def window_start(hours: int, now: datetime | None = None) -> datetime:
+    """Start of the first of the last ``hours`` hourly periods (the current one included)."""
+    now = now or timezone.now()
+    return now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours - 1)
+
+
+def build_report(hours: int = 24, policy: str | None = None, now: datetime | None = None) -> Report:
+    if not isinstance(hours, int) or isinstance(hours, bool) or not 1 <= hours <= MAX_HOURS:
+        raise ValueError(f"hours must be a whole number from 1 to {MAX_HOURS}, not {hours!r}")
+    now = now or timezone.now()
+    since = window_start(hours, now)
+    rollups = UsageRollup.objects.filter(granularity=UsageRollup.Granularity.HOUR, period_start__gte=since)
+    if policy is not None:
+        rollups = rollups.filter(policy=policy)
+    values = rollups.values("period_start", "policy", "model", "cost_avoided", "latency_avoided_ms", *COUNTS)
+
+    step = "hour" if hours <= HOURLY_SERIES_MAX_HOURS else "day"
+    bucket_of = _hour if step == "hour" else _day
+    series = {start: SeriesPoint(start) for start in _buckets(since, now, step)}
+    rows: dict[tuple[str, str], ReportRow] = {}
+    totals = ReportRow(policy="TOTAL", model="")
+    for value in values:
+        key = (value["policy"], value["model"])
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = ReportRow(*key)
+        row.add(value)
+        totals.add(value)
+        point = series.setdefault(bucket_of(value["period_start"]), SeriesPoint(bucket_of(value["period_start"])))
+        point.lookups += value["lookups"]
+        point.hits += value["hits"]
+        point.cost_avoided += value["cost_avoided"]
+    return Report(
+        hours=hours,
+        since=since,
+        until=now,
+        policy=policy,
+        step=step,
+        rows=[rows[key] for key in sorted(rows)],
+        totals=totals,
+        series=[series[start] for start in sorted(series)],
+    )
+
+
+def known_policies() -> set[str]:
+    """Policy names a report can be asked for: current policies and any seen in rollups."""
+    from .models import CachePolicy
+
+    names = set(CachePolicy.objects.values_list("name", flat=True))
+    # order_by(): the default ordering's columns would otherwise join the DISTINCT.
+    names.update(UsageRollup.objects.order_by().values_list("policy", flat=True).distinct())
+    return names
+
+
+def _hour(when: datetime) -> datetime:
+    return when.replace(minute=0, second=0, microsecond=0)
+
+
+def _day(when: datetime) -> datetime:
+    return when.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _buckets(since: datetime, until: datetime, step: str) -> list[datetime]:
+    """Every bucket in the window, so that hours without traffic show as zeros."""
+    start, delta = (_hour(since), timedelta(hours=1)) if step == "hour" else (_day(since), timedelta(days=1))
+    buckets = []
+    while start <= until:
+        buckets.append(start)
+        start += delta
+    return buckets
+
+
+# --- chart --------------------------------------------------------------------------------
+
+@dataclass
+class Chart:
+    """Geometry of an inline SVG line chart: hit rate (left axis, 0-100 %) and cost
+    avoided (right axis, 0-max) per series point. Drawn server-side: no JavaScript."""
+
+    width: int
+    height: int
+    left: int
+    right: int
+    top: int
+    bottom: int
+    hit_rate_points: str
+    cost_points: str
+    max_cost: Decimal
+    x_labels: list[tuple[float, str]]
+    empty: bool
+
+
+def chart(series: list[SeriesPoint], step: str = "hour", width: int = 720, height: int = 220) -> Chart:
+    left, right, top, bottom = 44, width - 64, 12, height - 28
+    max_cost = max((point.cost_avoided for point in series), default=Decimal(0))
+    n = len(series)
+    hit_rate, cost, labels = [], [], []
+    every = max(1, n // 8)  # at most ~8 x-axis labels
+    for i, point in enumerate(series):
+        x = left + (right - left) * (i / (n - 1) if n > 1 else 0.5)
+        hit_rate.append(f"{x:.1f},{bottom - (bottom - top) * point.hit_rate:.1f}")
+        share = float(point.cost_avoided / max_cost) if max_cost else 0.0
+        cost.append(f"{x:.1f},{bottom - (bottom - top) * share:.1f}")
+        if i % every == 0:
+            labels.append((round(x, 1), point.start.strftime("%H:%M" if step == "hour" else "%m-%d")))
+    return Chart(
+        width=width, height=height, left=left, right=right, top=top, bottom=bottom,
+        hit_rate_points=" ".join(hit_rate), cost_points=" ".join(cost), max_cost=max_cost,
+        x_labels=labels, empty=not any(point.lookups or point.cost_avoided for point in series),
+    )
