@@ -84,3 +84,10 @@ def test_demo_keeps_working_with_the_cache_off(client, policy_factory):
     policy_factory("default", mode="off")
     for _ in range(2):
         assert client.get("/demo/ask.json", {"q": "x"}).json()["hit"] is False
+
+
+@pytest.mark.parametrize("question", [None, 42, ["a"], {"q": "a"}])
+def test_ask_json_rejects_a_question_that_is_not_a_string(client, question):
+    response = client.post("/demo/ask.json", data=json.dumps({"question": question}), content_type="application/json")
+    assert response.status_code == 400
+    assert response.json() == {"error": '"question" must be a string.'}

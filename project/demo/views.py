@@ -25,8 +25,10 @@ def _ask(question: str) -> dict:
     }
 
 
-def _clean(question: str) -> str:
-    question = (question or "").strip()
+def _clean(question: object) -> str:
+    if not isinstance(question, str):
+        raise InvalidRequestError('"question" must be a string.')
+    question = question.strip()
     if not question:
         raise InvalidRequestError("Type a question.")
     if len(question) > MAX_QUESTION:
@@ -51,11 +53,11 @@ def ask_json(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         try:
             question = json.loads(request.body or b"{}").get("question", "")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # RecursionError: "[[[[..." bodies
             return JsonResponse({"error": 'Send JSON like {"question": "..."}.'}, status=400)
     else:
         question = request.GET.get("q", "")
     try:
-        return JsonResponse(_ask(_clean(str(question))))
+        return JsonResponse(_ask(_clean(question)))
     except InvalidRequestError as exc:
         return JsonResponse({"error": str(exc)}, status=400)
