@@ -1,85 +1,168 @@
-"""System checks: configuration mistakes are reported at startup, with the setting to fix."""
+"""System checks: configuration mistakes are reported at startup, with the setting to fix.
+
+Errors (ragcache.E00x) are settings ragcache cannot work with; warnings (ragcache.W00x)
+are settings that work but are unsafe. A check never raises, whatever the settings hold.
+"""
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from django.conf import settings
-from django.core.checks import Error, Warning, register
+from django.core.checks import CheckMessage, Error, Warning, register
 
 from .conf import DEFAULTS, get_config
 
-NUMBERS = ("MAX_TTL", "LOCK_TIMEOUT", "LOCK_WAIT", "LOCK_POLL_INTERVAL", "BREAKER_COOLDOWN", "POLICY_MAX_AGE",
-           "STREAM_MAXLEN", "AGGREGATE_BATCH", "AGGREGATION_LOCK_TIMEOUT", "RETENTION_DAYS", "HIT_RATE_WINDOW")
+NUMBERS = ("LOCK_TIMEOUT", "LOCK_WAIT", "LOCK_POLL_INTERVAL", "BREAKER_COOLDOWN", "POLICY_MAX_AGE",
+           "AGGREGATION_LOCK_TIMEOUT")
+# Passed to Redis or used as counts: a float such as 1e6 would fail there at run time.
+INTEGERS = ("MAX_TTL", "STREAM_MAXLEN", "AGGREGATE_BATCH", "RETENTION_DAYS", "HIT_RATE_WINDOW")
+LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+DEFAULT_SERIALIZER = "django_redis.serializers.pickle.PickleSerializer"
 
 
-def _redis_target(url: str) -> tuple[str, int, int] | None:
+def _redis_target(url: Any) -> tuple[str, int, int] | None:
+    """(host, port, db) of a redis:// URL, loopback names folded into one; else None."""
+    if not isinstance(url, str):
+        return None
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(url.strip())
         if parts.scheme not in ("redis", "rediss"):
             return None
-        db = int((parts.path or "/0").strip("/") or 0)
-        return parts.hostname or "localhost", parts.port or 6379, db
+        db = (parts.path or "/").strip("/") or parse_qs(parts.query).get("db", ["0"])[0]
+        host = parts.hostname or "localhost"
+        return ("loopback" if host in LOOPBACK else host), parts.port or 6379, int(db)
     except ValueError:
         return None
 
 
+def _urls(value: Any, separator: str) -> list[str]:
+    """A URL setting as a list: one string (possibly ``separator``-joined) or a list."""
+    if isinstance(value, str):
+        return [part for part in value.split(separator) if part.strip()]
+    if isinstance(value, (list, tuple, set)):
+        return [part for part in value if isinstance(part, str)]
+    return []
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
+
+
+def _check_values(config: dict[str, Any]) -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    for name in NUMBERS + INTEGERS:
+        value = config[name]
+        whole = name in INTEGERS
+        if not (_is_int(value) if whole else _is_number(value)) or value <= 0:
+            kind = "a positive whole number" if whole else "a positive number"
+            messages.append(Error(
+                f"RAGCACHE[{name!r}] must be {kind}, not {value!r}.",
+                hint=f"Remove it to use the default ({DEFAULTS[name]!r}).", id="ragcache.E004",
+            ))
+    prefix = config["KEY_PREFIX"]
+    if not isinstance(prefix, str) or not prefix or not prefix.isascii() or not prefix.isprintable() \
+            or any(c in prefix for c in " *?[]:\\"):
+        messages.append(Error(
+            "RAGCACHE['KEY_PREFIX'] must be a non-empty printable ASCII string without spaces, ':' or glob "
+            f"characters, not {prefix!r}.",
+            hint="For example RAGCACHE['KEY_PREFIX'] = 'ragcache'.", id="ragcache.E005",
+        ))
+    # Access and label settings: a wrong type here silently widens access (a string is
+    # matched by substring) or crashes requests, so it is an error, not a warning.
+    shapes = (
+        ("CACHE_ALIAS", isinstance(config["CACHE_ALIAS"], str) and bool(config["CACHE_ALIAS"]),
+         "a cache alias name, e.g. 'ragcache'"),
+        ("METRICS_ALLOWED_IPS", _strings(config["METRICS_ALLOWED_IPS"]),
+         "a list of client IP strings, e.g. ['127.0.0.1', '::1'] (or ['*'] for any)"),
+        ("METRICS_BEARER_TOKEN", config["METRICS_BEARER_TOKEN"] is None
+         or (isinstance(config["METRICS_BEARER_TOKEN"], str) and bool(config["METRICS_BEARER_TOKEN"])),
+         "None or a non-empty string"),
+        ("METRICS_MODELS", config["METRICS_MODELS"] is None or _strings(config["METRICS_MODELS"]),
+         "None or a list of model names"),
+    )
+    for name, ok, expected in shapes:
+        if not ok:
+            messages.append(Error(
+                f"RAGCACHE[{name!r}] must be {expected}, not {config[name]!r}.",
+                hint=f"Fix RAGCACHE[{name!r}] or remove it to use the default ({DEFAULTS[name]!r}).",
+                id="ragcache.E006",
+            ))
+    return messages
+
+
+def _check_cache(alias: str, cache: Any) -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    if not isinstance(cache, dict) or not str(cache.get("BACKEND", "")).startswith("django_redis."):
+        return [Error(
+            f"CACHES[{alias!r}] must use django-redis (BACKEND 'django_redis.cache.RedisCache').",
+            hint="ragcache runs Lua scripts and streams on the raw Redis connection django-redis provides.",
+            id="ragcache.E002",
+        )]
+    options = cache.get("OPTIONS") if isinstance(cache.get("OPTIONS"), dict) else {}
+    serializer = options.get("SERIALIZER", DEFAULT_SERIALIZER)
+    if "pickle" in str(serializer).lower():
+        messages.append(Warning(
+            f"CACHES[{alias!r}] uses a pickle serializer"
+            + (" (django-redis's default)." if "SERIALIZER" not in options else "."),
+            hint=f"Set CACHES[{alias!r}]['OPTIONS']['SERIALIZER'] = 'django_redis.serializers.json.JSONSerializer': "
+            "unpickling lets anyone who can write to Redis run code in your processes.",
+            id="ragcache.W001",
+        ))
+    caches = {_redis_target(url) for url in _urls(cache.get("LOCATION"), ",")} - {None}
+    brokers = {_redis_target(url) for url in _urls(getattr(settings, "CELERY_BROKER_URL", None), ";")} - {None}
+    if caches & brokers:
+        messages.append(Warning(
+            f"CACHES[{alias!r}]['LOCATION'] and CELERY_BROKER_URL use the same Redis database.",
+            hint="Give the broker its own database number in CELERY_BROKER_URL (e.g. .../1) so cache "
+            "maintenance and the broker never touch each other's keys.",
+            id="ragcache.W002",
+        ))
+    for option in ("SOCKET_TIMEOUT", "SOCKET_CONNECT_TIMEOUT"):
+        value = options.get(option)
+        if not _is_number(value) or value <= 0:
+            messages.append(Warning(
+                f"CACHES[{alias!r}]['OPTIONS'][{option!r}] is {'not set' if value is None else repr(value)}: "
+                "a stalled Redis would hold every request for as long as the operating system waits.",
+                hint=f"Set CACHES[{alias!r}]['OPTIONS'][{option!r}] = 0.1 (seconds): a lookup that takes longer "
+                "is served as a miss, and the circuit breaker stops waiting on a Redis that is down.",
+                id="ragcache.W003",
+            ))
+    return messages
+
+
 @register("ragcache")
-def check_settings(app_configs=None, **kwargs):
-    messages = []
+def check_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
     user = getattr(settings, "RAGCACHE", {})
     if not isinstance(user, dict):
         return [Error("RAGCACHE must be a dict.", hint="Set RAGCACHE = {...} in settings.", id="ragcache.E003")]
-    for name in sorted(set(user) - set(DEFAULTS)):
+    messages: list[CheckMessage] = []
+    for name in sorted(set(user) - set(DEFAULTS), key=str):
         messages.append(Error(
             f"Unknown setting RAGCACHE[{name!r}].",
             hint=f"Valid keys: {', '.join(sorted(DEFAULTS))}.", id="ragcache.E003",
         ))
     config = get_config()
-    for name in NUMBERS:
-        value = config[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            messages.append(Error(
-                f"RAGCACHE[{name!r}] must be a positive number, not {value!r}.",
-                hint=f"Remove it to use the default ({DEFAULTS[name]!r}).", id="ragcache.E004",
-            ))
-    prefix = config["KEY_PREFIX"]
-    if not isinstance(prefix, str) or not prefix or any(c in prefix for c in " *?[]:"):
-        messages.append(Error(
-            f"RAGCACHE['KEY_PREFIX'] must be a non-empty string without spaces, ':' or glob characters, not {prefix!r}.",
-            hint="For example RAGCACHE['KEY_PREFIX'] = 'ragcache'.", id="ragcache.E005",
-        ))
-
+    messages.extend(_check_values(config))
     alias = config["CACHE_ALIAS"]
-    cache = settings.CACHES.get(alias)
-    if cache is None:
+    caches = getattr(settings, "CACHES", {})
+    if not isinstance(alias, str):
+        return messages  # E006 said so
+    if alias not in caches:
         messages.append(Error(
             f"RAGCACHE['CACHE_ALIAS'] is {alias!r}, but CACHES has no such alias.",
             hint=f"Add CACHES[{alias!r}] with BACKEND 'django_redis.cache.RedisCache', or point CACHE_ALIAS at one.",
             id="ragcache.E001",
         ))
         return messages
-    if not str(cache.get("BACKEND", "")).startswith("django_redis."):
-        messages.append(Error(
-            f"CACHES[{alias!r}] must use django-redis (BACKEND 'django_redis.cache.RedisCache').",
-            hint="ragcache runs Lua scripts and streams on the raw Redis connection django-redis provides.",
-            id="ragcache.E002",
-        ))
-    serializer = (cache.get("OPTIONS") or {}).get("SERIALIZER", "django_redis.serializers.pickle.PickleSerializer")
-    if "pickle" in serializer.lower():
-        messages.append(Warning(
-            f"CACHES[{alias!r}] uses a pickle serializer.",
-            hint=f"Set CACHES[{alias!r}]['OPTIONS']['SERIALIZER'] = 'django_redis.serializers.json.JSONSerializer': "
-            "unpickling lets anyone who can write to Redis run code in your processes.",
-            id="ragcache.W001",
-        ))
-    location = cache.get("LOCATION")
-    broker = getattr(settings, "CELERY_BROKER_URL", None)
-    if isinstance(location, str) and isinstance(broker, str):
-        if _redis_target(location) is not None and _redis_target(location) == _redis_target(broker):
-            messages.append(Warning(
-                f"CACHES[{alias!r}] and CELERY_BROKER_URL use the same Redis database.",
-                hint="Give the broker its own database number in CELERY_BROKER_URL (e.g. .../1) so cache "
-                "maintenance and the broker never touch each other's keys.",
-                id="ragcache.W002",
-            ))
+    messages.extend(_check_cache(alias, caches[alias]))
     return messages

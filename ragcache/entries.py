@@ -127,7 +127,7 @@ def encode(
         body = json.dumps(response, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
             "utf-8", "surrogatepass"
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise Refused("not_serializable", str(exc)) from None
     compressed = 0
     if compress_threshold and len(body) > compress_threshold:
@@ -155,7 +155,7 @@ def encode(
 def parse_meta(meta: bytes | str) -> dict[str, Any]:
     try:
         parsed = json.loads(meta)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CorruptEntry(f"metadata is not JSON: {exc}") from None
     if not isinstance(parsed, dict) or parsed.get("v") != KEY_SCHEMA_VERSION:
         raise CorruptEntry("metadata of another key schema")
@@ -182,5 +182,8 @@ def decode(meta_bytes: bytes, body: bytes, key: str) -> CachedResponse:
             expires_at=datetime.fromtimestamp(float(meta["exp"]), timezone.utc),
             key=key,
         )
-    except (zlib.error, ValueError, UnicodeDecodeError, KeyError, TypeError, InvalidOperation, Refused) as exc:
+    # ArithmeticError, OSError: numbers no clock or int can hold (e.g. "pt": 1e999, "at": 1e20);
+    # RecursionError: absurdly deep JSON. Whatever the bytes, the caller gets a miss.
+    except (zlib.error, ValueError, UnicodeDecodeError, KeyError, TypeError, ArithmeticError, OSError,
+            RecursionError, Refused) as exc:
         raise CorruptEntry(f"unreadable entry: {type(exc).__name__}") from None

@@ -33,8 +33,8 @@ def normalize_text(text: str) -> str:
 
 def normalize_messages(messages: Messages, *, normalize: bool = False) -> list[dict[str, Any]]:
     """Turn the accepted message shapes into one list of ``{"role", "content"}`` dicts."""
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
+    if isinstance(messages, str):  # the common case, without the per-message checks
+        return [{"role": "user", "content": normalize_text(messages) if normalize else messages}]
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError(
             "messages must be a non-empty string or a non-empty list of {'role': ..., 'content': ...} dicts."
@@ -52,13 +52,15 @@ def normalize_messages(messages: Messages, *, normalize: bool = False) -> list[d
     return result
 
 
+# One encoder for every key: json.dumps() with options builds a new one per call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
 def canonical_json(value: Any) -> bytes:
     """Deterministic JSON: the same logical value always gives the same bytes."""
     try:
-        return json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-        ).encode("ascii")
-    except (TypeError, ValueError) as exc:
+        return _CANONICAL.encode(value).encode("ascii")
+    except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise InvalidRequestError(
             f"ragcache can only key JSON-serialisable messages and params (no NaN/Infinity): {exc}"
         ) from None
@@ -95,7 +97,11 @@ def scope_hash(scope_kind: str, scope: Any) -> str:
         return "global"
     if not isinstance(scope, (str, int)) or isinstance(scope, bool) or scope == "":
         raise InvalidRequestError("scope must be a non-empty string or an int (a user or tenant id).")
-    return hashlib.sha256(f"{scope_kind}\x00{scope}".encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    try:
+        text = f"{scope_kind}\x00{scope}"
+    except ValueError:  # an int too long to print (over 4300 digits)
+        raise InvalidRequestError("scope is not a usable id: an int with thousands of digits.") from None
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
 def rollout_bucket(digest: str) -> int:

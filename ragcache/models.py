@@ -107,6 +107,9 @@ class CachePolicy(models.Model):
         return self.name
 
     def clean(self) -> None:
+        if self.key_params is None:
+            # A blank or "null" key_params field means "no params"; the column is NOT NULL.
+            self.key_params = []
         max_ttl = int(get_config()["MAX_TTL"])
         if self.ttl_seconds is not None and self.ttl_seconds > max_ttl:
             raise ValidationError(

@@ -81,7 +81,9 @@ class PrivateRedis:
     def start(self) -> None:
         self.process = subprocess.Popen(
             [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.directory)],
+             "--save", "", "--appendonly", "no", "--dir", str(self.directory),
+             # DEBUG SLEEP simulates a stalled server in tests/test_faults.py.
+             "--enable-debug-command", "local"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis_lib.Redis(port=self.port, socket_connect_timeout=0.2)
