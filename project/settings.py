@@ -169,6 +169,10 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {
-        "ragcache": {"handlers": ["console"], "level": os.environ.get("RAGCACHE_LOG_LEVEL", "INFO"), "propagate": False},
+        "ragcache": {
+            "handlers": ["console"],
+            "level": os.environ.get("RAGCACHE_LOG_LEVEL", "INFO"),
+            "propagate": False,
+        },
     },
 }

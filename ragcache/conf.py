@@ -1,7 +1,7 @@
 """ragcache's settings: one ``RAGCACHE`` dict, read through one cached getter."""
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from django.conf import settings
@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_config() -> dict[str, Any]:
     """The effective settings: DEFAULTS overlaid with ``settings.RAGCACHE``.
 

@@ -10,7 +10,7 @@ import json
 import time
 import zlib
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -178,8 +178,8 @@ def decode(meta_bytes: bytes, body: bytes, key: str) -> CachedResponse:
             completion_tokens=int(meta.get("ct") or ct),
             cost=cost,
             latency_ms=float(meta["lat"]) if meta.get("lat") is not None else None,
-            created_at=datetime.fromtimestamp(float(meta["at"]), timezone.utc),
-            expires_at=datetime.fromtimestamp(float(meta["exp"]), timezone.utc),
+            created_at=datetime.fromtimestamp(float(meta["at"]), UTC),
+            expires_at=datetime.fromtimestamp(float(meta["exp"]), UTC),
             key=key,
         )
     # ArithmeticError, OSError: numbers no clock or int can hold (e.g. "pt": 1e999, "at": 1e20);

@@ -15,13 +15,13 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from .exceptions import InvalidRequestError
 
 KEY_SCHEMA_VERSION = 1
 
-Messages = Union[str, list[Mapping[str, Any]]]
+Messages = str | list[Mapping[str, Any]]
 
 _WHITESPACE_RE = re.compile(r"\s+")
 

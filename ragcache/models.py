@@ -148,7 +148,7 @@ class CacheFlags(models.Model):
         super().save(*args, **kwargs)
 
     @classmethod
-    def load(cls) -> "CacheFlags":
+    def load(cls) -> CacheFlags:
         return cls.objects.get_or_create(pk=1)[0]
 
 
