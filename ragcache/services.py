@@ -11,6 +11,7 @@ under a per-user policy, messages that are not JSON) raise ``InvalidRequestError
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import threading
@@ -18,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -30,6 +31,7 @@ from .exceptions import InvalidRequestError, ScopeRequiredError
 from .keys import CacheKey, Messages, content_digest, normalize_messages, rollout_bucket, scope_hash, select_params
 from .policies import Policy, Snapshot, registry
 from .steplog import log_step
+from .steplog import logger as step_logger
 from .usage import UsageEvent, UsageTracker, usage_tracker
 
 __all__ = [
@@ -56,7 +58,9 @@ class CallResult:
     latency_ms: float = 0.0
 
 
-@dataclass(frozen=True)
+# _Request and _Plan are built on every call: slots rather than frozen, whose __init__
+# costs four times as much. Nothing mutates them.
+@dataclass(slots=True)
 class _Request:
     messages: Messages
     model: str
@@ -66,7 +70,7 @@ class _Request:
     context_version: Any
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Plan:
     snapshot: Snapshot
     policy: Policy | None
@@ -130,7 +134,8 @@ class CacheService:
         key = CacheKey(
             get_config()["KEY_PREFIX"], policy.name, policy.generation, scope_hash(policy.scope, request.scope), digest
         )
-        log_step(61, {"policy": policy.name, "cache_key": key.short}, logging.DEBUG)
+        if step_logger.isEnabledFor(logging.DEBUG):
+            log_step(61, {"policy": policy.name, "cache_key": key.short}, logging.DEBUG)
         if snapshot.kill_switch:
             return _Plan(snapshot, policy, key, "kill_switch")
         if not policy.active:
@@ -162,7 +167,10 @@ class CacheService:
             policy, key = plan.policy, plan.key
             shadow = policy.mode == "shadow"
             tracking = plan.snapshot.tracking_enabled
-            token = store.new_token() if lock else ""
+            # Only "on" serves the leader's stored answer to followers; read-only never stores
+            # and shadow always calls, so a lock there would only make identical requests queue.
+            locking = lock and policy.mode == "on"
+            token = store.new_token() if locking else ""
             try:
                 reply = store.lookup(
                     key.redis_key,
@@ -170,7 +178,7 @@ class CacheService:
                     config_version=plan.snapshot.version,
                     hit_result=("shadow_hit" if shadow else "hit") if tracking else "",
                     miss_result="miss" if tracking else "",
-                    lock_ms=int(float(get_config()["LOCK_TIMEOUT"]) * 1000) if lock else 0,
+                    lock_ms=int(float(get_config()["LOCK_TIMEOUT"]) * 1000) if locking else 0,
                     lock_token=token,
                     start_us=start_us,
                     event=plan.event(request.model),
@@ -197,17 +205,19 @@ class CacheService:
         elif reply.foreign:
             self._discard_corrupt(key, "foreign bytes or another key schema", deleted=True)
         elapsed = time.perf_counter() - started
-        metrics.LOOKUP_SECONDS.labels(policy.name).observe(elapsed)
+        metrics.child(metrics.LOOKUP_SECONDS, policy.name).observe(elapsed)
         if cached is None:
             outcome = "miss" if reply.status == "hit" else reply.status
-            metrics.LOOKUPS.labels(policy.name, "miss").inc()
+            metrics.child(metrics.LOOKUPS, policy.name, "miss").inc()
             self.hit_rates.record(policy.name, False)
-            log_step(62, {"policy": policy.name, "cache_key": key.short, "hit": False}, logging.DEBUG)
+            if step_logger.isEnabledFor(logging.DEBUG):
+                log_step(62, {"policy": policy.name, "cache_key": key.short, "hit": False}, logging.DEBUG)
             return _Lookup(plan, outcome, lock_token=token)
         result = "shadow_hit" if shadow else "hit"
-        metrics.LOOKUPS.labels(policy.name, result).inc()
+        metrics.child(metrics.LOOKUPS, policy.name, result).inc()
         self.hit_rates.record(policy.name, True)
-        log_step(62, {"policy": policy.name, "cache_key": key.short, "hit": True}, logging.DEBUG)
+        if step_logger.isEnabledFor(logging.DEBUG):
+            log_step(62, {"policy": policy.name, "cache_key": key.short, "hit": True}, logging.DEBUG)
         if not shadow:
             self._track_hit(plan, request.model, cached, elapsed, written=plan.snapshot.tracking_enabled)
         return _Lookup(plan, result, cached)
@@ -324,7 +334,7 @@ class CacheService:
             size = len(meta) + len(body)
             metrics.STORES.labels(policy.name, "stored").inc()
             metrics.ENTRY_BYTES.observe(size)
-            expiry = datetime.fromtimestamp(time.time() + ttl_seconds, timezone.utc)
+            expiry = datetime.fromtimestamp(time.time() + ttl_seconds, UTC)
             log_step(68, {
                 "cache_key": key.short,
                 "hit_rate": self.hit_rates.rate(policy.name),
@@ -372,6 +382,23 @@ class CacheService:
             again = self._lookup(request, lock=True)
             if again.outcome != "follower":
                 return again
+        return self._lock_timed_out(request, lookup)
+
+    async def _afollow(self, request: _Request, lookup: _Lookup) -> _Lookup:
+        """``_follow`` for the event loop: it must sleep with ``asyncio.sleep``. A blocking
+        wait inside sync_to_async would hold the thread-sensitive executor, so the leader's
+        own store (queued on that executor) could not run until every follower timed out."""
+        config = get_config()
+        deadline = time.monotonic() + float(config["LOCK_WAIT"])
+        poll = float(config["LOCK_POLL_INTERVAL"])
+        while time.monotonic() < deadline:
+            await asyncio.sleep(poll)
+            again = await sync_to_async(self._lookup)(request, lock=True)
+            if again.outcome != "follower":
+                return again
+        return await sync_to_async(self._lock_timed_out)(request, lookup)
+
+    def _lock_timed_out(self, request: _Request, lookup: _Lookup) -> _Lookup:
         plan = lookup.plan
         if plan.snapshot.tracking_enabled:
             self.tracker.track(UsageEvent(
@@ -457,7 +484,7 @@ class CacheService:
         request = _Request(messages, model, policy, scope, params, context_version)
         lookup = await sync_to_async(self._begin)(request)
         if lookup.outcome == "follower":
-            lookup = await sync_to_async(self._follow)(request, lookup)
+            lookup = await self._afollow(request, lookup)
         if lookup.outcome == "hit":
             return self._result_from_hit(lookup, started)
         call_started = time.perf_counter()

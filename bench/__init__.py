@@ -1,0 +1,1 @@
+"""Benchmark scripts (not tests): ``make bench``, ``make bench-aggregate``. See docs/performance.md."""
