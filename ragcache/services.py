@@ -152,13 +152,22 @@ class CacheService:
             snapshot = registry.revalidate()
             if snapshot is not plan.snapshot:
                 plan = self._plan(request, snapshot)
+        if step_logger.isEnabledFor(logging.DEBUG):
+            log_step(60, {
+                "policy": request.policy,
+                "mode": plan.policy.mode if plan.policy else None,
+                "scope": plan.policy.scope if plan.policy else None,
+                "bypass": plan.bypass or None,
+            }, logging.DEBUG)
         return plan
 
     # --- lookup (steps 59–62) ---------------------------------------------------------------
 
-    def _lookup(self, request: _Request, *, lock: bool = False, shadow_ok: bool = True) -> _Lookup:
+    def _lookup(self, request: _Request, *, lock: bool = False) -> _Lookup:
         started = time.perf_counter()
         start_us = int(time.time() * 1_000_000)
+        if step_logger.isEnabledFor(logging.DEBUG):
+            log_step(59, {"policy": request.policy, "model": request.model, "single_flight": lock}, logging.DEBUG)
         plan = self._current_plan(request)
         for _attempt in range(2):
             if plan.bypass:
@@ -204,14 +213,15 @@ class CacheService:
                 self._discard_corrupt(key, str(exc))
         elif reply.foreign:
             self._discard_corrupt(key, "foreign bytes or another key schema", deleted=True)
+        if reply.status == "follower":
+            # Not an outcome yet: like the usage stream, metrics count this request once,
+            # when the wait ends (a hit, the lock passed on, or a timeout).
+            return _Lookup(plan, "follower")
         elapsed = time.perf_counter() - started
         metrics.child(metrics.LOOKUP_SECONDS, policy.name).observe(elapsed)
         if cached is None:
             outcome = "miss" if reply.status == "hit" else reply.status
-            metrics.child(metrics.LOOKUPS, policy.name, "miss").inc()
-            self.hit_rates.record(policy.name, False)
-            if step_logger.isEnabledFor(logging.DEBUG):
-                log_step(62, {"policy": policy.name, "cache_key": key.short, "hit": False}, logging.DEBUG)
+            self._count_miss(policy.name, key)
             return _Lookup(plan, outcome, lock_token=token)
         result = "shadow_hit" if shadow else "hit"
         metrics.child(metrics.LOOKUPS, policy.name, result).inc()
@@ -221,6 +231,12 @@ class CacheService:
         if not shadow:
             self._track_hit(plan, request.model, cached, elapsed, written=plan.snapshot.tracking_enabled)
         return _Lookup(plan, result, cached)
+
+    def _count_miss(self, policy: str, key: CacheKey) -> None:
+        metrics.child(metrics.LOOKUPS, policy, "miss").inc()
+        self.hit_rates.record(policy, False)
+        if step_logger.isEnabledFor(logging.DEBUG):
+            log_step(62, {"policy": policy, "cache_key": key.short, "hit": False}, logging.DEBUG)
 
     def _track_hit(self, plan: _Plan, model: str, cached: CachedResponse, elapsed: float, *, written: bool) -> None:
         cost = cached.cost
@@ -400,6 +416,7 @@ class CacheService:
 
     def _lock_timed_out(self, request: _Request, lookup: _Lookup) -> _Lookup:
         plan = lookup.plan
+        self._count_miss(plan.policy.name, plan.key)
         if plan.snapshot.tracking_enabled:
             self.tracker.track(UsageEvent(
                 policy=plan.policy.name, result="miss", model=request.model, scope_hash=plan.key.scope,
@@ -411,7 +428,9 @@ class CacheService:
         return CallResult(lookup.cached.response, True, lookup.plan.key.redis_key, lookup.cached,
                           (time.perf_counter() - started) * 1000)
 
-    def _after_call(self, request: _Request, lookup: _Lookup, response: Any, call_ms: float, started: float) -> CallResult:
+    def _after_call(
+        self, request: _Request, lookup: _Lookup, response: Any, call_ms: float, started: float
+    ) -> CallResult:
         plan = lookup.plan
         may_store = lookup.outcome in ("miss", "leader") and plan.policy is not None
         if may_store and plan.policy.mode != "read_only":

@@ -147,12 +147,15 @@ def test_lookups_return_their_connection_to_the_pool(warm):
     """The hit path runs its script on a pooled connection directly; every lookup and
     store must give it back, whatever the outcome."""
     pool = store._client().connection_pool
+    # The pool is shared with earlier tests (threaded ones open several connections), so
+    # compare with what it held before: sequential calls must not open any more.
+    before = len(pool._available_connections) + len(pool._in_use_connections)
     for i in range(20):
         cache_service.get_cached_response(QUESTION, model=MODEL)
         cache_service.get_cached_response(f"{QUESTION} miss {i}", model=MODEL)
         cache_service.cache_response(f"{QUESTION} store {i}", answer(), model=MODEL)
     assert not pool._in_use_connections
-    assert len(pool._available_connections) <= 2
+    assert len(pool._available_connections) <= max(before, 1)
 
 
 @pytest.mark.slow

@@ -582,6 +582,24 @@ def test_concurrent_identical_misses_make_one_call(default_policy, ragcache_sett
     assert sorted(r.hit for r in results) == [False] + [True] * 7
 
 
+def test_waiting_followers_are_counted_once_each_in_metrics(default_policy, ragcache_settings):
+    """Followers poll every LOCK_POLL_INTERVAL; each request is still one lookup in the
+    metrics (as in the usage stream), not one per poll."""
+    from prometheus_client import REGISTRY
+
+    def lookups(result):
+        return REGISTRY.get_sample_value("ragcache_lookups_total", {"policy": "default", "result": result}) or 0.0
+
+    ragcache_settings(LOCK_WAIT=20.0, LOCK_POLL_INTERVAL=0.01)
+    registry.current()
+    before = {r: lookups(r) for r in ("hit", "miss")}
+    llm = Counter(openai_answer("slow answer"), delay=0.5)
+    results, errors = _run_threads(6, lambda i: cache_service.get_or_call("polled question", llm, model=MODEL))
+    assert errors == [None] * 6 and llm.calls == 1
+    assert lookups("miss") - before["miss"] == 1
+    assert lookups("hit") - before["hit"] == 5
+
+
 @pytest.mark.parametrize("mode", ["read_only", "shadow"])
 def test_modes_that_never_serve_a_leaders_answer_do_not_queue(policy_factory, ragcache_settings, mode):
     """Read-only never stores and shadow always calls: a follower would wait for nothing,
