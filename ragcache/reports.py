@@ -14,6 +14,7 @@ from decimal import Decimal
 from django.utils import timezone
 
 from .models import UsageRollup
+from .usage import UsageTally
 
 COUNTS = ("lookups", "hits", "misses", "shadow_hits", "stores", "refusals", "bypasses", "tokens_avoided")
 # Above this many hours the chart has one point per day instead of one per hour.
@@ -23,19 +24,9 @@ MAX_HOURS = 10 * 365 * 24
 
 
 @dataclass
-class ReportRow:
-    policy: str
-    model: str
-    lookups: int = 0
-    hits: int = 0
-    misses: int = 0
-    shadow_hits: int = 0
-    stores: int = 0
-    refusals: int = 0
-    bypasses: int = 0
-    tokens_avoided: int = 0
-    cost_avoided: Decimal = field(default_factory=Decimal)
-    latency_avoided_ms: float = 0.0
+class ReportRow(UsageTally):
+    policy: str = ""
+    model: str = ""
 
     @property
     def hit_rate(self) -> float:
@@ -128,7 +119,7 @@ def build_report(hours: int = 24, policy: str | None = None, now: datetime | Non
         key = (value["policy"], value["model"])
         row = rows.get(key)
         if row is None:
-            row = rows[key] = ReportRow(*key)
+            row = rows[key] = ReportRow(policy=key[0], model=key[1])
         row.add(value)
         totals.add(value)
         point = series.setdefault(bucket_of(value["period_start"]), SeriesPoint(bucket_of(value["period_start"])))

@@ -125,7 +125,9 @@ class AggregationResult:
 
 
 @dataclass
-class _Tally:
+class UsageTally:
+    """The additive figures of a rollup row (and of a report row)."""
+
     lookups: int = 0
     hits: int = 0
     misses: int = 0
@@ -237,7 +239,7 @@ def _rollup(records) -> None:
                 found[1] += tokens
                 found[2] += cost
                 found[3] += latency
-    tallies: dict[tuple, _Tally] = defaultdict(_Tally)
+    tallies: dict[tuple, UsageTally] = defaultdict(UsageTally)
     for key, (count, tokens, cost, latency) in sums.items():
         year, month, day, hour_of_day, policy, model, result = key
         hour = datetime(year, month, day, hour_of_day, tzinfo=UTC)
@@ -254,10 +256,10 @@ def _rollup(records) -> None:
 
 
 _ROLLUP_KEY = ("period_start", "granularity", "policy", "model")
-_ROLLUP_SUMS = tuple(f.name for f in dataclass_fields(_Tally))
+_ROLLUP_SUMS = tuple(f.name for f in dataclass_fields(UsageTally))
 
 
-def _upsert_rollups(tallies: dict[tuple, _Tally]) -> None:
+def _upsert_rollups(tallies: dict[tuple, UsageTally]) -> None:
     """Add the tallies to their rollup rows, creating missing rows: one INSERT ... ON
     CONFLICT DO UPDATE per 500 rows (PostgreSQL and SQLite) instead of an UPDATE, and
     maybe an INSERT, per row. Values go through each field's get_db_prep_save, as the
