@@ -2,6 +2,7 @@
 of its own that is deleted afterwards (never FLUSHDB: the server may be shared)."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -37,6 +38,18 @@ def ragcache_prefix(settings):
         pass
     finally:
         client.close()
+
+
+@pytest.fixture
+def ragcache_log(caplog):
+    """caplog for the "ragcache" loggers, at DEBUG: they do not propagate to the root logger."""
+    logger = logging.getLogger("ragcache")
+    old_level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.DEBUG)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(old_level)
 
 
 @pytest.fixture

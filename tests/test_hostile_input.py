@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import math
 import os
 from datetime import datetime
@@ -66,15 +65,6 @@ class Opaque:
 def policy(policy_factory):
     return policy_factory("default", mode="on", enabled=True, scope="global", ttl_seconds=3600,
                           max_entry_bytes=256 * 1024, compress_threshold_bytes=4096)
-
-
-@pytest.fixture
-def ragcache_log(caplog):
-    logger = logging.getLogger("ragcache")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.DEBUG, logger="ragcache")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 # --- sizes --------------------------------------------------------------------------------

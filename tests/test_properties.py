@@ -9,7 +9,6 @@ Each example gets a nonce (as context_version) so examples never see each other'
 """
 from __future__ import annotations
 
-import logging
 import uuid
 
 import pytest
@@ -70,16 +69,6 @@ def scoped_policies(policy_factory):
     policy_factory("per-user", scope="user", key_params=KEY_PARAMS)
     policy_factory("per-tenant", scope="tenant", key_params=KEY_PARAMS)
     policy_factory("shared", scope="global", key_params=KEY_PARAMS)
-
-
-@pytest.fixture
-def ragcache_log(caplog):
-    """ragcache's loggers do not propagate: listen on them directly."""
-    logger = logging.getLogger("ragcache")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.DEBUG, logger="ragcache")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 @PROPERTY

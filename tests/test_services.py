@@ -77,18 +77,6 @@ def default_policy(policy_factory):
 
 
 @pytest.fixture
-def ragcache_logs(caplog):
-    """caplog for the "ragcache" logger, which does not propagate to the root logger."""
-    logger = logging.getLogger("ragcache")
-    old_level = logger.level
-    logger.addHandler(caplog.handler)
-    logger.setLevel(logging.DEBUG)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-    logger.setLevel(old_level)
-
-
-@pytest.fixture
 def ragcache_settings(settings):
     """Update single RAGCACHE settings for one test."""
 
@@ -413,12 +401,12 @@ REFUSALS = {
 
 
 @pytest.mark.parametrize(("response", "reason"), list(REFUSALS.values()), ids=list(REFUSALS))
-def test_admission_refusals(policy_factory, redis_client, ragcache_prefix, ragcache_logs, response, reason):
+def test_admission_refusals(policy_factory, redis_client, ragcache_prefix, ragcache_log, response, reason):
     policy_factory("default", max_entry_bytes=2000, compress_threshold_bytes=0)
     assert cache_service.cache_response("q", response, model=MODEL) is False
     assert entry_keys(redis_client, ragcache_prefix) == []
     assert ("refused", reason) in stream_results(redis_client, ragcache_prefix)
-    refusal_logs = [r.getMessage() for r in ragcache_logs.records if r.getMessage().startswith(STEP_68_PREFIX)]
+    refusal_logs = [r.getMessage() for r in ragcache_log.records if r.getMessage().startswith(STEP_68_PREFIX)]
     assert len(refusal_logs) == 1
     attrs = json.loads(refusal_logs[0][len(STEP_68_PREFIX):])
     assert attrs["stored"] is False and attrs["reason"] == reason
@@ -531,13 +519,13 @@ CORRUPTIONS = {
 
 
 @pytest.mark.parametrize("corrupt", list(CORRUPTIONS.values()), ids=list(CORRUPTIONS))
-def test_corrupt_or_foreign_entry_is_a_miss_and_deleted(default_policy, redis_client, ragcache_logs, corrupt):
+def test_corrupt_or_foreign_entry_is_a_miss_and_deleted(default_policy, redis_client, ragcache_log, corrupt):
     key = cache_key("q").redis_key
     assert cache_service.cache_response("q", openai_answer(), model=MODEL)
     corrupt(redis_client, key)
     assert cache_service.get_cached_response("q", model=MODEL) is None
     assert redis_client.exists(key) == 0
-    warnings = [r for r in ragcache_logs.records
+    warnings = [r for r in ragcache_log.records
                 if r.levelno == logging.WARNING and "unreadable entry" in r.getMessage()]
     assert len(warnings) == 1
     # get_or_call recovers by itself: it calls, stores a good entry, and hits next time.
@@ -718,13 +706,13 @@ def test_a_scoped_hit_runs_no_sql(policy_factory, django_assert_num_queries):
 
 # --- logs and privacy --------------------------------------------------------------------------
 
-def test_step_68_log_line(policy_factory, ragcache_logs):
+def test_step_68_log_line(policy_factory, ragcache_log):
     policy_factory("default", ttl_seconds=600)
     service = CacheService()  # its own hit-rate window, untouched by other tests
     service.get_cached_response("warm-up", model=MODEL)  # one lookup: the hit rate is defined
     before = datetime.now(UTC)
     assert service.cache_response("q", openai_answer(), model=MODEL)
-    lines = [r for r in ragcache_logs.records if r.getMessage().startswith(STEP_68_PREFIX)]
+    lines = [r for r in ragcache_log.records if r.getMessage().startswith(STEP_68_PREFIX)]
     assert len(lines) == 1
     record = lines[0]
     assert record.levelno == logging.INFO and record.name == "ragcache.steps"
@@ -741,18 +729,18 @@ def test_step_68_log_line(policy_factory, ragcache_logs):
     assert record.rag_step == 68 and record.rag_attrs == attrs
 
 
-def test_hit_rate_in_step_68_follows_lookups(default_policy, ragcache_logs):
+def test_hit_rate_in_step_68_follows_lookups(default_policy, ragcache_log):
     service = CacheService()
     service.cache_response("a", "x", model=MODEL)
     for _ in range(3):
         service.get_cached_response("a", model=MODEL)
     service.get_cached_response("miss", model=MODEL)
     service.cache_response("b", "x", model=MODEL)
-    lines = [r.getMessage() for r in ragcache_logs.records if r.getMessage().startswith(STEP_68_PREFIX)]
+    lines = [r.getMessage() for r in ragcache_log.records if r.getMessage().startswith(STEP_68_PREFIX)]
     assert json.loads(lines[-1][len(STEP_68_PREFIX):])["hit_rate"] == 0.75
 
 
-def test_question_text_never_reaches_logs_or_redis_keys(policy_factory, redis_client, ragcache_prefix, ragcache_logs):
+def test_question_text_never_reaches_logs_or_redis_keys(policy_factory, redis_client, ragcache_prefix, ragcache_log):
     secret = "Quokka-Zebra private question"
     policy_factory("default", normalize_query=True)
     policy_factory("private", scope="user")
@@ -761,9 +749,9 @@ def test_question_text_never_reaches_logs_or_redis_keys(policy_factory, redis_cl
     cache_service.cache_response(secret + "?", "", model=MODEL)  # refusal path
     cache_service.get_or_call(secret, lambda: "x", model=MODEL, policy="private", scope="user-1")
     cache_service.get_or_call(secret, lambda: "x", model=MODEL, policy="no-such-policy")
-    assert ragcache_logs.records
+    assert ragcache_log.records
     forms = {secret, secret.lower(), "quokka", "Quokka", "zebra"}  # none can occur in a hex digest
-    for record in ragcache_logs.records:
+    for record in ragcache_log.records:
         text = record.getMessage() + json.dumps(getattr(record, "rag_attrs", {}), default=str)
         assert not any(f in text for f in forms), text
     names = [k.decode() for k in redis_client.scan_iter(match=f"{ragcache_prefix}:*")]
