@@ -372,10 +372,7 @@ class CacheService:
             "hit_rate": self.hit_rates.rate(policy.name),
         })
         if lock_token:
-            try:
-                store.unlock(key.lock_key, lock_token)
-            except store.RedisUnavailable:
-                pass
+            store.unlock(key.lock_key, lock_token)
         if refusal.reason != "read_only":
             self.tracker.track(UsageEvent(
                 policy=policy.name, result="refused", model=request.model, scope_hash=key.scope,
@@ -436,19 +433,13 @@ class CacheService:
         if may_store and plan.policy.mode != "read_only":
             self._store(request, plan, response, ttl=None, latency_ms=call_ms, lock_token=lookup.lock_token)
         elif lookup.lock_token:
-            try:
-                store.unlock(plan.key.lock_key, lookup.lock_token)
-            except store.RedisUnavailable:
-                pass
+            store.unlock(plan.key.lock_key, lookup.lock_token)
         key = plan.key.redis_key if plan.key else None
         return CallResult(response, False, key, None, (time.perf_counter() - started) * 1000)
 
     def _release(self, lookup: _Lookup) -> None:
         if lookup.lock_token and lookup.outcome == "leader":
-            try:
-                store.unlock(lookup.plan.key.lock_key, lookup.lock_token)
-            except store.RedisUnavailable:
-                pass
+            store.unlock(lookup.plan.key.lock_key, lookup.lock_token)
 
     def get_or_call(
         self,

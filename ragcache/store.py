@@ -348,15 +348,12 @@ def delete(key: str) -> None:
 
 
 def unlock(lock_key: str, token: str) -> None:
+    """Release a lock we own. Never raises: if Redis cannot be reached, the release is
+    retried after the next successful call (and the lock expires by itself anyway)."""
     try:
         _guard(_script("unlock"), keys=[lock_key], args=[token])
     except RedisUnavailable:
         _abandon_lock(lock_key, token)
-        raise
-
-
-def lock_exists(lock_key: str) -> bool:
-    return bool(_guard(_client().exists, lock_key))
 
 
 _token_counter = itertools.count()

@@ -396,10 +396,7 @@ def aggregate(max_events: int | None = None) -> AggregationResult:
         metrics.AGGREGATION_RUNS.labels("error").inc()
         raise
     finally:
-        try:
-            store.unlock(lock_key, token)
-        except store.RedisUnavailable:
-            pass  # the lock expires by itself
+        store.unlock(lock_key, token)
     result.seconds = time.perf_counter() - started
     metrics.AGGREGATION_RUNS.labels("ok").inc()
     metrics.AGGREGATION_SECONDS.observe(result.seconds)

@@ -107,15 +107,18 @@ def event_total(expected: dict) -> int:
     return sum(t["lookups"] + t["stores"] + t["refusals"] + t["bypasses"] for t in expected.values())
 
 
-def rollup_totals(granularity: str) -> dict[tuple[str, str], dict]:
+def rollup_totals(granularity: str, *, with_latency: bool = False) -> dict[tuple[str, str], dict]:
     """UsageRollup rows of one granularity summed per (policy, model) over all periods
-    (a test may straddle an hour or a day boundary)."""
-    totals: dict[tuple[str, str], dict] = defaultdict(empty_tally)
+    (a test may straddle an hour or a day boundary); latency avoided too if asked."""
+    extra = {"latency_avoided_ms": 0.0} if with_latency else {}
+    totals: dict[tuple[str, str], dict] = defaultdict(lambda: {**empty_tally(), **extra})
     for row in UsageRollup.objects.filter(granularity=granularity):
         tally = totals[(row.policy, row.model)]
         for name in COUNTS:
             tally[name] += getattr(row, name)
         tally["cost_avoided"] += row.cost_avoided
+        if with_latency:
+            tally["latency_avoided_ms"] += row.latency_avoided_ms
     return dict(totals)
 
 

@@ -24,13 +24,12 @@ from django.db import DatabaseError, connection
 
 from ragcache import metrics, store, usage
 from ragcache.conf import get_config
-from ragcache.models import ModelPrice, UsageRecord, UsageRollup
+from ragcache.models import ModelPrice, UsageRecord
 from ragcache.tasks import aggregate_usage
 from ragcache.usage import aggregate
 
 from .conftest import REDIS_URL, free_port
-from .test_aggregation import COUNTS, assert_report_equals, drive_known_mix, event_total, report_json
-from .test_aggregation import rollup_totals as mix_rollup_totals
+from .test_aggregation import COUNTS, assert_report_equals, drive_known_mix, event_total, report_json, rollup_totals
 
 pytestmark = pytest.mark.slow
 
@@ -78,21 +77,10 @@ def enqueue_events(redis_client, n: int) -> dict[tuple[str, str], dict]:
     return dict(expected)
 
 
-def rollup_totals(granularity: str) -> dict[tuple[str, str], dict]:
-    totals: dict[tuple[str, str], dict] = defaultdict(empty_tally)
-    for row in UsageRollup.objects.filter(granularity=granularity):
-        tally = totals[(row.policy, row.model)]
-        for name in COUNTS:
-            tally[name] += getattr(row, name)
-        tally["cost_avoided"] += row.cost_avoided
-        tally["latency_avoided_ms"] += row.latency_avoided_ms
-    return dict(totals)
-
-
 def assert_exact(expected: dict, n: int, redis_client) -> None:
     assert UsageRecord.objects.count() == n
-    assert rollup_totals("hour") == expected
-    assert rollup_totals("day") == expected
+    assert rollup_totals("hour", with_latency=True) == expected
+    assert rollup_totals("day", with_latency=True) == expected
     assert redis_client.xlen(store.stream_key()) == 0
     assert redis_client.xpending(store.stream_key(), store.STREAM_GROUP)["pending"] == 0
 
@@ -230,7 +218,7 @@ def test_real_worker_aggregates_the_known_mix(transactional_db, policy_factory, 
     wait_for(lambda: aggregated_lines(worker), "the worker's aggregation", [worker])
 
     assert UsageRecord.objects.count() == events
-    assert mix_rollup_totals("hour") == expected and mix_rollup_totals("day") == expected
+    assert rollup_totals("hour") == expected and rollup_totals("day") == expected
     assert redis_client.xlen(store.stream_key()) == 0
     assert aggregated_lines(worker) == [(events, 0)]
     assert_report_equals(report_json(), expected)
