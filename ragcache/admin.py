@@ -38,14 +38,14 @@ class CachePolicyAdmin(admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("name", "description", "enabled", "mode", "scope")}),
         ("Entries", {"fields": ("ttl_seconds", "max_entry_bytes", "compress_threshold_bytes", "rollout_percent")}),
-        ("Key", {"fields": ("key_params", "normalize_query", "key_recipe", "generation")}),
+        ("Key", {"fields": ("ignored_params", "normalize_query", "key_recipe", "generation")}),
         (None, {"fields": ("created_at", "updated_at")}),
     )
 
     @admin.display(description="key recipe")
     def key_recipe(self, obj: CachePolicy) -> str:
         # str(): a form re-shown with invalid input (e.g. [1]) must show its errors, not a 500.
-        raw = obj.key_params if isinstance(obj.key_params, list) else []
+        raw = obj.ignored_params if isinstance(obj.ignored_params, list) else []
         params = ", ".join(str(p) for p in raw) or "none"
         scope = "none (shared by all callers)" if obj.scope == "global" else f"the caller's {obj.scope} id (hashed)"
         return format_html(
@@ -59,7 +59,7 @@ class CachePolicyAdmin(admin.ModelAdmin):
     @admin.action(description="Purge entries (bump generation)", permissions=["change"])
     def purge_entries(self, request, queryset):
         for policy in queryset:
-            policy.bump_generation()
+            policy.purge()
         self.message_user(request, f"Purged {queryset.count()} polic(y/ies): old entries are unreachable and expire.")
 
     @admin.action(description="Enable selected policies", permissions=["change"])

@@ -9,26 +9,42 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 
 DEFAULTS: dict[str, Any] = {
-    # django-redis cache alias whose connection pool ragcache uses.
+    # django-redis cache alias whose connection settings ragcache uses (standalone Redis).
     "CACHE_ALIAS": "ragcache",
-    # Every Redis key ragcache writes starts with this; purge scans only this prefix.
+    # A Redis Cluster seed node, e.g. "redis://127.0.0.1:7000". When set, ragcache talks to
+    # the cluster (redis-py's RedisCluster) instead of CACHE_ALIAS, with that alias's
+    # socket timeouts if it exists.
+    "REDIS_CLUSTER_URL": None,
+    # Every Redis key ragcache writes starts with this; maintenance scans only this prefix.
     "KEY_PREFIX": "ragcache",
     # Upper bound for any policy's TTL (seconds).
     "MAX_TTL": 30 * 24 * 3600,
-    # Single-flight: how long the leader's lock lives, how long followers wait for it.
+    # Upper bound for any policy's max_entry_bytes: an entry must be readable within the
+    # socket timeout, or every lookup of it would time out (system check ragcache.E007).
+    "MAX_ENTRY_BYTES": 2 * 1024 * 1024,
+    # How many source documents one answer may cite (sources=).
+    "MAX_SOURCES": 32,
+    # Single-flight: how long a leader's lock lives (extended while a stream flows), how
+    # long followers wait for the leader's answer, and how often they check.
     "LOCK_TIMEOUT": 60.0,
     "LOCK_WAIT": 10.0,
     "LOCK_POLL_INTERVAL": 0.02,
-    # After a Redis error, skip Redis for this long before probing again (seconds).
+    # After a Redis error, skip Redis for this long, then let one call probe it (seconds).
     "BREAKER_COOLDOWN": 1.0,
-    # Policies are re-validated against Redis on every lookup; this is a backstop for
-    # edits made without save() (e.g. QuerySet.update) when Redis is unreachable.
+    # Backstop (seconds) for policy edits Redis never heard of (e.g. QuerySet.update).
     "POLICY_MAX_AGE": 60.0,
-    # Usage events: stream cap (oldest dropped past it), batch size, lock, retention.
+    # While the database cannot load the policies, try again at most this often (seconds).
+    "POLICY_RETRY_INTERVAL": 5.0,
+    # Usage events: cap of all shards' streams together (oldest dropped past it), batch
+    # size, aggregation lock, retention of raw records, and when health calls a stalled
+    # aggregation (seconds since the last run while events wait).
     "STREAM_MAXLEN": 1_000_000,
     "AGGREGATE_BATCH": 5000,
     "AGGREGATION_LOCK_TIMEOUT": 120.0,
     "RETENTION_DAYS": 30,
+    "AGGREGATION_STALE_AFTER": 300.0,
+    # Socket timeout (seconds) for maintenance: aggregation reads, scans, fan-out writes.
+    "BULK_SOCKET_TIMEOUT": 10.0,
     # How many recent lookups per policy feed the hit rate in the step 68 log line.
     "HIT_RATE_WINDOW": 1000,
     # /metrics and /ragcache/health access: client IPs allowed, or a bearer token.
@@ -36,6 +52,10 @@ DEFAULTS: dict[str, Any] = {
     "METRICS_BEARER_TOKEN": None,
     # Models reported by name in metrics; others are labelled "other" (bounded labels).
     "METRICS_MODELS": None,
+    # The gateway's upstream (an OpenAI-compatible API): {"BASE_URL", "API_KEY", "TIMEOUT"}.
+    "UPSTREAM": {},
+    # Largest request body the gateway accepts (bytes).
+    "GATEWAY_MAX_BODY_BYTES": 1024 * 1024,
 }
 
 
@@ -57,6 +77,6 @@ def get_config() -> dict[str, Any]:
 def _reset_config(*, setting: str, **kwargs: Any) -> None:
     if setting in {"RAGCACHE", "CACHES"}:
         get_config.cache_clear()
-        from . import store
+        from . import connection
 
-        store.reset_clients()
+        connection.reset()

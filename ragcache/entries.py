@@ -1,22 +1,47 @@
 """What a cache entry is: the answer, its metadata, and the rules for admitting it.
 
-An entry is a Redis hash with two fields: ``m``, small JSON metadata (also copied into
-hit events, so a hit knows what it avoided without a second read), and ``b``, the
-answer as JSON, zlib-compressed above the policy's threshold. Never pickle.
+An entry is a Redis hash: ``m``, small JSON metadata (copied into hit events, so a hit
+knows what it avoided without a second read); ``b``, the answer as JSON (a response, or
+the list of chunks of a recorded stream), zlib-compressed above the policy's threshold;
+and ``s``, the stamps of its source documents, when it has any. Never pickle.
+
+Everything read back from Redis is validated here before use (``decode``,
+``parse_meta``): a value ragcache did not write, or numbers no answer can have, raise
+``CorruptEntry`` and the caller treats the entry as a miss.
 """
 from __future__ import annotations
 
-import json
+import math
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import orjson
+
 from .keys import KEY_SCHEMA_VERSION
 
-REFUSED_FINISH_REASONS = {"length": "truncated", "content_filter": "content_filter"}
+# finish_reason / stop_reason values that mean the answer is not a whole, servable one.
+REFUSED_FINISH_REASONS = {
+    "length": "truncated",  # OpenAI
+    "max_tokens": "truncated",  # Anthropic stop_reason
+    "model_context_window_exceeded": "truncated",  # Anthropic
+    "content_filter": "content_filter",  # OpenAI
+    "refusal": "refusal",  # Anthropic stop_reason
+    "error": "error",
+}
+MAX_TOKENS = 2**31 - 1  # per field: what UsageRecord's columns hold
+MAX_COST = Decimal(1_000_000)  # per answer, in the price's currency
+MAX_LATENCY_MS = 86_400_000.0
+# A decompressed body is never allowed to grow past this many bytes (a zip bomb planted in Redis).
+MAX_BODY_BYTES = 256 * 1024 * 1024
+META_PREFIX = f'{{"v":{KEY_SCHEMA_VERSION},'.encode()
+
+KIND_RESPONSE = "r"
+KIND_STREAM = "s"
 
 
 class Refused(Exception):
@@ -31,12 +56,41 @@ class CorruptEntry(Exception):
     """Bytes at a ragcache key that ragcache did not write, or cannot read."""
 
 
+@dataclass(slots=True)
+class Usage:
+    """Tokens of one answer. ``prompt_tokens`` counts uncached input tokens only;
+    ``cached_prompt_tokens`` the input tokens the provider served from its own prompt
+    cache (billed at a discount). ``known`` is False when the provider sent no usage."""
+
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    completion_tokens: int = 0
+    known: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.cached_prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class Answer:
+    """What admission took from a response: its JSON form, text, finish reason, usage, cost."""
+
+    body: Any
+    content: str | None
+    finish_reason: str | None
+    usage: Usage
+    cost: Decimal | None
+
+
 @dataclass(frozen=True)
 class CachedResponse:
-    """A cached answer. ``response`` has the shape it was stored with (str or dict)."""
+    """A cached answer. ``response`` has the shape it was stored with: a ``str``, a dict,
+    or (``kind == "stream"``) the list of recorded chunks. ``cost`` is in the currency of
+    the stored answer (or of its ``ModelPrice``); ``latency_ms`` is the original call's."""
 
     response: Any
-    content: str
+    content: str | None
     model: str
     finish_reason: str | None
     prompt_tokens: int
@@ -46,144 +100,409 @@ class CachedResponse:
     created_at: datetime
     expires_at: datetime
     key: str
+    cached_prompt_tokens: int = 0
+    usage_known: bool = True
+    kind: str = "response"
 
     @property
     def tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
+        """Every token the original call was billed for (input, cached input, output)."""
+        return self.prompt_tokens + self.cached_prompt_tokens + self.completion_tokens
+
+    @property
+    def age_seconds(self) -> float:
+        return max(0.0, time.time() - self.created_at.timestamp())
 
 
-def _as_dict(response: Any) -> Any:
-    # OpenAI / pydantic response objects expose model_dump(); plain dicts pass through.
-    dump = getattr(response, "model_dump", None)
-    if callable(dump) and not isinstance(response, (str, dict)):
-        return dump()
-    return response
+# --- reading responses -----------------------------------------------------------------
+
+def _as_json(value: Any) -> Any:
+    # OpenAI / pydantic response objects expose model_dump(); plain values pass through.
+    dump = getattr(value, "model_dump", None)
+    if callable(dump) and not isinstance(value, (str, dict, list)):
+        return dump(mode="json", exclude_unset=True)
+    return value
 
 
-def extract(response: Any) -> tuple[Any, str, str | None, int, int, Decimal | None]:
-    """(response as JSON-able value, content, finish_reason, prompt, completion, cost)."""
+def _token_count(usage: Mapping, name: str) -> int | None:
+    value = usage.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_TOKENS:
+        raise Refused("invalid_usage", f"usage.{name} must be a whole number from 0 to {MAX_TOKENS}, not {value!r}")
+    return value
+
+
+def usage_from(usage: Any) -> Usage:
+    """Token counts from a provider's ``usage`` block, under the names providers use:
+    OpenAI (``prompt_tokens`` including ``prompt_tokens_details.cached_tokens``,
+    ``completion_tokens``), Anthropic (``input_tokens`` excluding ``cache_read_input_tokens``
+    and ``cache_creation_input_tokens``, ``output_tokens``) and DeepSeek
+    (``prompt_cache_hit_tokens``). Raises ``Refused("invalid_usage")`` for negative,
+    fractional, absurd or contradictory counts."""
+    if not isinstance(usage, Mapping):
+        return Usage()
+    prompt = _token_count(usage, "prompt_tokens")
+    completion = _token_count(usage, "completion_tokens")
+    details = usage.get("prompt_tokens_details")
+    cached = _token_count(details, "cached_tokens") if isinstance(details, Mapping) else None
+    if cached is None:
+        cached = _token_count(usage, "prompt_cache_hit_tokens")
+    if prompt is not None:  # OpenAI-style: prompt_tokens includes the cached ones
+        cached = cached or 0
+        if cached > prompt:
+            raise Refused("invalid_usage", f"{cached} cached input tokens exceed prompt_tokens={prompt}")
+        return Usage(prompt - cached, cached, completion or 0, True)
+    anthropic_input = _token_count(usage, "input_tokens")
+    if anthropic_input is None and completion is None and _token_count(usage, "output_tokens") is None:
+        return Usage()
+    read = _token_count(usage, "cache_read_input_tokens") or 0
+    created = _token_count(usage, "cache_creation_input_tokens") or 0
+    output = _token_count(usage, "output_tokens")
+    return Usage((anthropic_input or 0) + created, read, output if output is not None else (completion or 0), True)
+
+
+def cost_from(value: Any) -> Decimal | None:
+    """A response's own ``cost`` (number or numeric string, in the price currency)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
+        raise Refused("invalid_cost", f"cost must be a number, not {type(value).__name__}")
+    try:
+        cost = Decimal(str(value))
+    except InvalidOperation:
+        raise Refused("invalid_cost", f"cost must be a number, not {value!r}") from None
+    if not cost.is_finite() or not 0 <= cost <= MAX_COST:
+        raise Refused("invalid_cost", f"cost must be a finite amount from 0 to {MAX_COST}, not {value!r}")
+    return cost
+
+
+def _message_answered(message: Any) -> bool:
+    """A choice's message carries an answer: text, tool calls, a function call or audio."""
+    if not isinstance(message, Mapping):
+        return False
+    content = message.get("content")
+    if isinstance(content, str) and content.strip():
+        return True
+    if isinstance(content, list) and content:  # content parts
+        return True
+    return bool(message.get("tool_calls") or message.get("function_call") or message.get("audio"))
+
+
+def _check_finish(reason: Any) -> None:
+    if isinstance(reason, str) and reason in REFUSED_FINISH_REASONS:
+        raise Refused(REFUSED_FINISH_REASONS[reason], f"finish_reason={reason}")
+
+
+def extract(response: Any) -> Answer:
+    """Read a response (``str``, an OpenAI-style or Anthropic-style dict, or an object
+    with ``model_dump()``) and apply the admission rules. Raises ``Refused`` with the
+    reason: exceptions and error bodies, empty answers, any choice truncated or filtered
+    (``finish_reason`` ``length`` / ``content_filter``, ``stop_reason`` ``max_tokens``),
+    refusals, and usage or cost figures no answer can have."""
     if isinstance(response, BaseException):
         raise Refused("error", "exceptions are never cached")
-    response = _as_dict(response)
+    response = _as_json(response)
     if isinstance(response, str):
-        return response, response, None, 0, 0, None
+        if not response.strip():
+            raise Refused("empty", "empty answer")
+        return Answer(response, response, None, Usage(), None)
     if not isinstance(response, dict):
         raise Refused("unsupported", f"cannot cache a {type(response).__name__}; pass a str or a dict")
     if response.get("error"):
         raise Refused("error", "the response carries an error")
-    content = response.get("content")
-    finish_reason = response.get("finish_reason")
+    content, finish_reason = None, response.get("finish_reason", response.get("stop_reason"))
+    _check_finish(finish_reason)
     choices = response.get("choices")
-    if content is None and isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        message = choices[0].get("message") or {}
-        content = message.get("content") if isinstance(message, dict) else None
-        finish_reason = choices[0].get("finish_reason", finish_reason)
-    if not isinstance(content, str):
-        raise Refused("empty", "no text content found (content or choices[0].message.content)")
-    usage = response.get("usage") if isinstance(response.get("usage"), dict) else {}
-    prompt_tokens = _count(usage.get("prompt_tokens"))
-    completion_tokens = _count(usage.get("completion_tokens"))
-    cost = None
-    if response.get("cost") is not None:
-        try:
-            cost = Decimal(str(response["cost"]))
-        except InvalidOperation:
-            cost = None
-        if cost is not None and (not cost.is_finite() or cost < 0):
-            cost = None
-    return response, content, finish_reason, prompt_tokens, completion_tokens, cost
+    if isinstance(choices, list) and choices:
+        for choice in choices:
+            if not isinstance(choice, Mapping):
+                raise Refused("unsupported", "choices must be a list of dicts")
+            _check_finish(choice.get("finish_reason"))
+            message = choice.get("message")
+            if isinstance(message, Mapping) and message.get("refusal"):
+                raise Refused("refusal", "the model refused")
+            if not _message_answered(message) and not (isinstance(choice.get("text"), str) and choice["text"].strip()):
+                raise Refused("empty", "a choice has no content, tool call or text")
+        first = choices[0]
+        message = first.get("message") if isinstance(first.get("message"), Mapping) else {}
+        content = message.get("content") if isinstance(message.get("content"), str) else first.get("text")
+        finish_reason = first.get("finish_reason", finish_reason)
+    elif isinstance(response.get("content"), str):
+        content = response["content"]
+        if not content.strip():
+            raise Refused("empty", "empty answer")
+    elif isinstance(response.get("content"), list):  # Anthropic: content blocks
+        texts = [b.get("text") for b in response["content"] if isinstance(b, Mapping) and b.get("type") == "text"]
+        answered = [b for b in response["content"] if isinstance(b, Mapping) and b.get("type") in ("text", "tool_use")]
+        if not answered or not any((t or "").strip() for t in texts) and not any(
+                b.get("type") == "tool_use" for b in answered):
+            raise Refused("empty", "no text or tool use in content")
+        content = "".join(t for t in texts if isinstance(t, str)) or None
+    else:
+        raise Refused("empty", "no answer found (content, choices[].message or choices[].text)")
+    return Answer(response, content, finish_reason, usage_from(response.get("usage")), cost_from(response.get("cost")))
 
 
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+admit = extract  # the 0.1 name
 
 
-def admit(response: Any) -> tuple[Any, str, str | None, int, int, Decimal | None]:
-    """Extract and apply the admission rules; raises ``Refused`` with the reason."""
-    extracted = extract(response)
-    content, finish_reason = extracted[1], extracted[2]
-    if not content.strip():
-        raise Refused("empty", "empty answer")
-    if finish_reason in REFUSED_FINISH_REASONS:
-        raise Refused(REFUSED_FINISH_REASONS[finish_reason], f"finish_reason={finish_reason}")
-    return extracted
-
+# --- encoding --------------------------------------------------------------------------
 
 def encode(
-    response: Any,
+    body: Any,
     *,
+    kind: str,
     model: str,
     finish_reason: str | None,
-    prompt_tokens: int,
-    completion_tokens: int,
+    usage: Usage,
     cost: Decimal | None,
     latency_ms: float | None,
     ttl_seconds: int,
     compress_threshold: int,
     max_bytes: int,
-) -> tuple[bytes, bytes, bool]:
-    """(meta, body, compressed) for the store script; raises ``Refused``."""
+) -> tuple[bytes, bytes]:
+    """(meta, body) for the store script; raises ``Refused("too_large")`` past ``max_bytes``
+    (measured after compression) and ``Refused("not_serializable")``."""
     try:
-        body = json.dumps(response, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
-            "utf-8", "surrogatepass"
-        )
-    except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        data = orjson.dumps(body)
+    except (TypeError, orjson.JSONEncodeError) as exc:
         raise Refused("not_serializable", str(exc)) from None
     compressed = 0
-    if compress_threshold and len(body) > compress_threshold:
-        body = zlib.compress(body, 6)
+    if compress_threshold and len(data) > compress_threshold:
+        data = zlib.compress(data, 6)
         compressed = 1
-    if len(body) > max_bytes:
-        raise Refused("too_large", f"{len(body)} bytes > max_entry_bytes={max_bytes}")
+    if len(data) > max_bytes:
+        raise Refused("too_large", f"{len(data)} bytes > max_entry_bytes={max_bytes}")
     now = time.time()
-    meta = {
+    meta = make_meta(kind=kind, model=model, finish_reason=finish_reason, usage=usage, cost=cost,
+                     latency_ms=latency_ms, created=now, expires=now + ttl_seconds, compressed=bool(compressed),
+                     size=len(data))
+    return meta, data
+
+
+def make_meta(*, kind: str, model: str, finish_reason: str | None, usage: Usage, cost: Decimal | None,
+              latency_ms: float | None, created: float, expires: float, compressed: bool = False, size: int = 0) -> bytes:
+    """An entry's metadata JSON (``v`` first: the lookup script checks the prefix)."""
+    return orjson.dumps({
         "v": KEY_SCHEMA_VERSION,
+        "k": kind,
         "model": model,
-        "fr": finish_reason,
-        "pt": prompt_tokens,
-        "ct": completion_tokens,
+        "fr": finish_reason if isinstance(finish_reason, str) else None,
+        "pt": usage.prompt_tokens,
+        "cpt": usage.cached_prompt_tokens,
+        "ct": usage.completion_tokens,
+        "uk": int(usage.known),
         "cost": str(cost) if cost is not None else None,
-        "lat": round(latency_ms, 3) if latency_ms is not None else None,
-        "at": round(now, 3),
-        "exp": round(now + ttl_seconds, 3),
-        "z": compressed,
-        "n": len(body),
-    }
-    return json.dumps(meta, separators=(",", ":")).encode(), body, bool(compressed)
+        "lat": round(latency_ms, 3) if latency_ms is not None and math.isfinite(latency_ms) else None,
+        "at": round(created, 3),
+        "exp": round(expires, 3),
+        "z": int(compressed),
+        "n": size,
+    })
 
 
-def parse_meta(meta: bytes | str) -> dict[str, Any]:
+def _int_field(meta: dict, name: str, limit: int = MAX_TOKENS) -> int:
+    value = meta.get(name, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+        raise CorruptEntry(f"metadata field {name!r} is not a count")
+    return value
+
+
+def _number_field(meta: dict, name: str, low: float, high: float, *, optional: bool = False) -> float | None:
+    value = meta.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low <= value <= high):
+        raise CorruptEntry(f"metadata field {name!r} is out of range")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """An entry's validated metadata (also the ``e`` field of hit and store events)."""
+
+    kind: str
+    model: str
+    finish_reason: str | None
+    usage: Usage
+    cost: Decimal | None
+    latency_ms: float | None
+    created_at: float
+    expires_at: float
+    compressed: bool
+    size: int
+
+
+def parse_meta(raw: bytes | str) -> Meta:
+    """Validate an entry's metadata; raises ``CorruptEntry`` for anything ragcache would not write."""
     try:
-        parsed = json.loads(meta)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        meta = orjson.loads(raw)
+    except (orjson.JSONDecodeError, TypeError) as exc:
         raise CorruptEntry(f"metadata is not JSON: {exc}") from None
-    if not isinstance(parsed, dict) or parsed.get("v") != KEY_SCHEMA_VERSION:
+    if not isinstance(meta, dict) or meta.get("v") != KEY_SCHEMA_VERSION:
         raise CorruptEntry("metadata of another key schema")
-    return parsed
+    kind = meta.get("k")
+    model = meta.get("model")
+    finish_reason = meta.get("fr")
+    if kind not in (KIND_RESPONSE, KIND_STREAM) or not isinstance(model, str) or len(model) > 256:
+        raise CorruptEntry("metadata kind or model is not valid")
+    if finish_reason is not None and (not isinstance(finish_reason, str) or len(finish_reason) > 64):
+        raise CorruptEntry("metadata finish reason is not valid")
+    usage = Usage(_int_field(meta, "pt"), _int_field(meta, "cpt"), _int_field(meta, "ct"), meta.get("uk", 1) == 1)
+    cost = meta.get("cost")
+    if cost is not None:
+        if not isinstance(cost, str):
+            raise CorruptEntry("metadata cost is not a decimal string")
+        try:
+            cost = cost_from(cost)
+        except Refused:
+            raise CorruptEntry("metadata cost is out of range") from None
+    return Meta(
+        kind=kind,
+        model=model,
+        finish_reason=finish_reason,
+        usage=usage,
+        cost=cost,
+        latency_ms=_number_field(meta, "lat", 0.0, MAX_LATENCY_MS, optional=True),
+        created_at=_number_field(meta, "at", 1.0, 1e11),
+        expires_at=_number_field(meta, "exp", 1.0, 1e11),
+        compressed=meta.get("z") == 1,
+        size=_int_field(meta, "n", MAX_BODY_BYTES),
+    )
+
+
+def _load_body(meta: Meta, body: bytes) -> Any:
+    if meta.compressed:
+        inflater = zlib.decompressobj()
+        body = inflater.decompress(body, MAX_BODY_BYTES)
+        if inflater.unconsumed_tail:
+            raise CorruptEntry("compressed body larger than any entry")
+    return orjson.loads(body)
 
 
 def decode(meta_bytes: bytes, body: bytes, key: str) -> CachedResponse:
+    """A ``CachedResponse`` from an entry's fields; raises ``CorruptEntry``."""
     meta = parse_meta(meta_bytes)
     try:
-        raw = zlib.decompress(body) if meta.get("z") else body
-        response = json.loads(raw.decode("utf-8", "surrogatepass"))
-        _, content, finish_reason, pt, ct, _ = extract(response)
-        cost = Decimal(meta["cost"]) if meta.get("cost") is not None else None
+        value = _load_body(meta, body)
+        if meta.kind == KIND_STREAM:
+            if not isinstance(value, list) or not value:
+                raise CorruptEntry("a stream entry holds no chunks")
+            content = None
+        else:
+            content = extract(value).content
         return CachedResponse(
-            response=response,
+            response=value,
             content=content,
-            model=str(meta.get("model") or ""),
-            finish_reason=finish_reason,
-            prompt_tokens=int(meta.get("pt") or pt),
-            completion_tokens=int(meta.get("ct") or ct),
-            cost=cost,
-            latency_ms=float(meta["lat"]) if meta.get("lat") is not None else None,
-            created_at=datetime.fromtimestamp(float(meta["at"]), UTC),
-            expires_at=datetime.fromtimestamp(float(meta["exp"]), UTC),
+            model=meta.model,
+            finish_reason=meta.finish_reason,
+            prompt_tokens=meta.usage.prompt_tokens,
+            completion_tokens=meta.usage.completion_tokens,
+            cost=meta.cost,
+            latency_ms=meta.latency_ms,
+            created_at=datetime.fromtimestamp(meta.created_at, UTC),
+            expires_at=datetime.fromtimestamp(meta.expires_at, UTC),
             key=key,
+            cached_prompt_tokens=meta.usage.cached_prompt_tokens,
+            usage_known=meta.usage.known,
+            kind="stream" if meta.kind == KIND_STREAM else "response",
         )
-    # ArithmeticError, OSError: numbers no clock or int can hold (e.g. "pt": 1e999, "at": 1e20);
-    # RecursionError: absurdly deep JSON. Whatever the bytes, the caller gets a miss.
-    except (zlib.error, ValueError, UnicodeDecodeError, KeyError, TypeError, ArithmeticError, OSError,
-            RecursionError, Refused) as exc:
+    except CorruptEntry:
+        raise
+    # zlib.error, JSON errors, Refused (a stored answer that no longer passes admission).
+    except (zlib.error, orjson.JSONDecodeError, ValueError, TypeError, Refused) as exc:
         raise CorruptEntry(f"unreadable entry: {type(exc).__name__}") from None
+
+
+# --- streams ---------------------------------------------------------------------------
+
+class StreamRecorder:
+    """Records a chunk stream as it passes (sans-I/O: no Redis, no clock).
+
+    ``add(chunk)`` returns the chunk's JSON (what followers receive) and keeps it while
+    the recording stays under ``max_bytes``; past it the recording is dropped, so a long
+    stream is never buffered without bound. ``finish()`` applies the admission rules to
+    the whole stream: OpenAI ``chat.completion.chunk`` objects (every choice's
+    ``finish_reason``, a usage chunk, ``error`` objects), or plain text chunks.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.chunks: list[Any] | None = []
+        self.size = 0
+        self.finish_reasons: dict[int, str] = {}
+        self.usage: Usage = Usage()
+        self.cost: Decimal | None = None
+        self.error = False
+        self.text = False
+        self.answered = False
+        self.refused: Refused | None = None
+
+    def add(self, chunk: Any) -> bytes:
+        value = _as_json(chunk)
+        try:
+            data = orjson.dumps(value)
+        except (TypeError, orjson.JSONEncodeError):
+            self.refused = Refused("not_serializable", "a chunk is not JSON")
+            self.chunks = None
+            return b""
+        self._inspect(value)
+        if self.chunks is not None:
+            self.size += len(data)
+            if self.size > self.max_bytes:
+                self.chunks = None  # too large: stop recording, keep passing chunks through
+                self.refused = self.refused or Refused("too_large", f"stream over max_entry_bytes={self.max_bytes}")
+            else:
+                self.chunks.append(value)
+        return data
+
+    def _inspect(self, value: Any) -> None:
+        if isinstance(value, str):
+            self.text = True
+            self.answered = self.answered or bool(value.strip())
+            return
+        if not isinstance(value, Mapping):
+            return
+        if value.get("error"):
+            self.error = True
+        if value.get("usage"):
+            try:
+                self.usage = usage_from(value["usage"])
+                if value.get("cost") is not None:
+                    self.cost = cost_from(value["cost"])
+            except Refused as refusal:
+                self.refused = refusal
+        for choice in value.get("choices") or ():
+            if not isinstance(choice, Mapping):
+                continue
+            delta = choice.get("delta")
+            if isinstance(delta, Mapping) and any(
+                delta.get(name) for name in ("content", "tool_calls", "function_call", "reasoning_content",
+                                             "reasoning", "audio")):
+                self.answered = True
+            if isinstance(delta, Mapping) and delta.get("refusal"):
+                self.refused = self.refused or Refused("refusal", "the model refused")
+            reason = choice.get("finish_reason")
+            if isinstance(reason, str):
+                self.finish_reasons[choice.get("index", 0) if isinstance(choice.get("index"), int) else 0] = reason
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.finish_reasons.get(0) or next(iter(self.finish_reasons.values()), None)
+
+    def finish(self) -> Answer:
+        """The recording as an ``Answer`` (body: the list of chunks); raises ``Refused``."""
+        if self.refused is not None:
+            raise self.refused
+        if self.error:
+            raise Refused("error", "the stream carried an error")
+        for reason in self.finish_reasons.values():
+            _check_finish(reason)
+        if not self.chunks or not self.answered:
+            raise Refused("empty", "the stream carried no answer")
+        if not self.text and not self.finish_reasons:
+            raise Refused("truncated", "the stream ended without a finish_reason")
+        return Answer(self.chunks, None, self.finish_reason, self.usage, self.cost)

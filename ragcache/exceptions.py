@@ -1,7 +1,8 @@
 """The small family of errors ragcache raises at its callers.
 
 Redis trouble is never raised: lookups degrade to misses and stores to ``False``.
-What is raised is a mistake in the call itself, which the caller must fix.
+What is raised is a mistake in the call itself, which the caller must fix, and, for a
+stream that was sharing an identical live stream, the loss of that stream midway.
 """
 
 
@@ -10,7 +11,7 @@ class RagcacheError(Exception):
 
 
 class InvalidRequestError(RagcacheError, ValueError):
-    """The messages, params or response given to ragcache cannot be used as they are."""
+    """The messages, params, sources or response given to ragcache cannot be used as they are."""
 
 
 class ScopeRequiredError(InvalidRequestError):
@@ -24,3 +25,9 @@ class ScopeRequiredError(InvalidRequestError):
         )
         self.policy = policy
         self.scope_kind = scope_kind
+
+
+class StreamInterrupted(RagcacheError):
+    """A stream that was receiving an identical live stream's chunks (``get_or_stream``
+    with concurrent identical requests) lost it after some chunks were delivered, when
+    that stream's upstream failed or its own consumer left. Retrying makes a new call."""

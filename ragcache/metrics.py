@@ -12,7 +12,8 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 LOOKUPS = Counter(
-    "ragcache_lookups", "Cache lookups by policy and result (hit, miss, shadow_hit, bypass, error).",
+    "ragcache_lookups",
+    "Cache lookups by policy and result (hit, miss, shadow_hit, stale_source, bypass, error).",
     ["policy", "result"],
 )
 STORES = Counter(
@@ -51,6 +52,15 @@ AGGREGATION_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
 )
 AGGREGATED_EVENTS = Counter("ragcache_aggregated_events", "Usage events written to the database.")
+EVENTS_LOST = Counter(
+    "ragcache_usage_events_lost", "Usage events that could not be written (reason: redis_full, redis_unavailable).",
+    ["reason"],
+)
+REDIS_ERRORS = Counter(
+    "ragcache_redis_errors", "Failed Redis calls by kind (timeout, connection, oom, cluster, response, other).",
+    ["kind"],
+)
+SOURCE_INVALIDATIONS = Counter("ragcache_source_invalidations", "Source ids invalidated (invalidate_sources).")
 CORRUPT_ENTRIES = Counter(
     "ragcache_corrupt_entries", "Unreadable or foreign entries found at ragcache keys (deleted, served as misses).",
     ["policy"],

@@ -13,10 +13,11 @@ from decimal import Decimal
 
 from django.utils import timezone
 
+from .aggregation import UsageTally
 from .models import UsageRollup
-from .usage import UsageTally
 
-COUNTS = ("lookups", "hits", "misses", "shadow_hits", "stores", "refusals", "bypasses", "tokens_avoided")
+COUNTS = ("lookups", "hits", "misses", "shadow_hits", "stale_sources", "stores", "refusals", "bypasses",
+          "unknown_usage_hits", "tokens_avoided")
 # Above this many hours the chart has one point per day instead of one per hour.
 HOURLY_SERIES_MAX_HOURS = 48
 # Ten years: longer windows would only overflow date arithmetic.

@@ -8,7 +8,7 @@ from celery import shared_task
 from django.db import DatabaseError
 
 from . import store
-from .usage import aggregate
+from .aggregation import aggregate
 
 logger = logging.getLogger("ragcache.tasks")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from ragcache import store
-from ragcache.usage import aggregate
+from ragcache.aggregation import aggregate
 
 
 class Command(BaseCommand):

@@ -13,7 +13,6 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from ragcache import store
-from ragcache.keys import KEY_SCHEMA_VERSION
 from ragcache.models import CachePolicy
 
 
@@ -44,7 +43,7 @@ class Command(BaseCommand):
         for cache_policy in policies:
             old = cache_policy.generation
             # save() inside: every process reloads its policy snapshot on its next lookup.
-            cache_policy.bump_generation()
+            cache_policy.purge()
             line = f"Purged policy {cache_policy.name!r}: generation {old} -> {cache_policy.generation}."
             if delete_keys:
                 line += " " + self._delete_old_keys(cache_policy)
@@ -53,12 +52,13 @@ class Command(BaseCommand):
             self.stdout.write("No cache policies to purge.")
 
     def _delete_old_keys(self, cache_policy: CachePolicy) -> str:
-        base = f"{store.prefix()}:v{KEY_SCHEMA_VERSION}:{cache_policy.name}:"
+        layout = store.current_layout()
         try:
-            deleted = store.scan_delete(f"{base}*", keep=f"{base}{cache_policy.generation}:")
+            deleted = store.scan_delete(layout.entry_pattern(cache_policy.name),
+                                        keep=f":e:{cache_policy.name}:{cache_policy.generation}:")
         except store.RedisUnavailable as exc:
             raise CommandError(
                 f"Generation bumped (old entries are unreachable and will expire), but Redis could not be "
                 f"scanned to delete them now: {exc}"
             ) from None
-        return f"Deleted {deleted} old key(s)."
+        return f"Deleted {deleted} old {'entry' if deleted == 1 else 'entries'} (on every master)."

@@ -1,0 +1,91 @@
+"""The async twin of store.py's hot path, on ``redis.asyncio``: scripts, fan-outs and
+flight reads, with the same breaker and the same errors. Nothing here hops threads."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from . import connection
+from .connection import RedisCommandError, RedisUnavailable, breaker_for
+from .scripts import Script
+from .store import _NOSCRIPT, _flight_entries
+
+
+async def _raw(pool, args: Sequence) -> Any:
+    conn = await pool.get_connection()
+    try:
+        await conn.send_command(*args)
+        return await conn.read_response()  # disconnects itself on errors and cancellation
+    finally:
+        await pool.release(conn)
+
+
+async def _evalsha(script: Script, keys: Sequence[str], args: Sequence) -> Any:
+    client = connection.async_client()
+    if connection.cluster_mode():
+        try:
+            return await client.evalsha(script.sha, len(keys), *keys, *args)
+        except _NOSCRIPT:
+            await client.script_load(script.source)
+            return await client.evalsha(script.sha, len(keys), *keys, *args)
+    pool = client.connection_pool
+    try:
+        return await _raw(pool, ("EVALSHA", script.sha, len(keys), *keys, *args))
+    except _NOSCRIPT:
+        await _raw(pool, ("SCRIPT", "LOAD", script.source))
+        return await _raw(pool, ("EVALSHA", script.sha, len(keys), *keys, *args))
+
+
+async def guarded(coro_fn, *args, shard: int | None = None) -> Any:
+    breaker = breaker_for(shard)
+    breaker.check()
+    try:
+        result = await coro_fn(*args)
+    except redis.ResponseError as exc:
+        if connection.error_kind(exc) == "cluster":
+            breaker.failed(exc)
+            raise RedisUnavailable(str(exc)) from exc
+        connection.metrics.child(connection.metrics.REDIS_ERRORS, connection.error_kind(exc)).inc()
+        breaker.succeeded()
+        raise RedisCommandError(str(exc)) from exc
+    except (redis.RedisError, OSError) as exc:
+        breaker.failed(exc)
+        raise RedisUnavailable(str(exc)) from exc
+    breaker.succeeded()
+    return result
+
+
+async def run(script: Script, keys: Sequence[str], args: Sequence, shard: int | None = None) -> Any:
+    return await guarded(_evalsha, script, keys, args, shard=shard)
+
+
+async def run_each(commands: Sequence[tuple[Script, Sequence[str], Sequence]]) -> list[Any]:
+    if not commands:
+        return []
+
+    async def pipelined():
+        client = connection.async_client("bulk")
+        replies = await _pipeline(client, commands)
+        if any(isinstance(r, _NOSCRIPT) for r in replies):
+            for script in {c[0] for c in commands}:
+                await client.script_load(script.source)
+            replies = await _pipeline(client, commands)
+        return replies
+
+    return await guarded(pipelined)
+
+
+async def _pipeline(client, commands) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for script, keys, args in commands:
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+    return await pipe.execute(raise_on_error=False)
+
+
+async def wait_flight(key: str, after: str, block_ms: int, shard: int | None = None) -> list[tuple[str, dict]]:
+    async def read():
+        return await connection.async_client("bulk").xread({key: after}, count=1000, block=block_ms)
+
+    return _flight_entries(await guarded(read, shard=shard))

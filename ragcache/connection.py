@@ -1,0 +1,259 @@
+"""Redis clients and the circuit breaker.
+
+Standalone Redis: the connection settings of the django-redis alias
+``RAGCACHE["CACHE_ALIAS"]`` (its LOCATION and OPTIONS such as SOCKET_TIMEOUT), used by
+redis-py's sync client and, for the async API, by ``redis.asyncio`` with the same
+settings. Redis Cluster: ``RAGCACHE["REDIS_CLUSTER_URL"]`` (one seed node), used by
+``redis.cluster.RedisCluster`` and its asyncio twin, with the alias's timeouts when the
+alias exists. Clients are made on first use and kept per process (async ones per event
+loop: redis.asyncio connections belong to the loop that opened them).
+
+The breaker: after a failure, calls skip Redis for ``BREAKER_COOLDOWN`` seconds; then
+exactly one call probes it (half-open) while the others keep skipping, and its outcome
+closes or re-opens the breaker. Caching is never switched off for good.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import weakref
+from typing import Any
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from . import metrics
+from .conf import get_config
+from .exceptions import RagcacheError
+
+logger = logging.getLogger("ragcache.store")
+
+DEFAULT_TIMEOUT = 0.1  # seconds, when neither the alias nor the URL says
+
+
+class RedisUnavailable(RagcacheError):
+    """Redis failed, timed out, or the circuit breaker is open. Raised to callers only by
+    operations that must not pretend to succeed (``invalidate_sources``)."""
+
+
+class RedisCommandError(RedisUnavailable):
+    """Redis answered with an error: the server is up, so the breaker stays closed."""
+
+
+class BreakerOpen(RedisUnavailable):
+    """The circuit breaker is open: nothing was sent to Redis."""
+
+
+def error_kind(exc: BaseException) -> str:
+    """A bounded label for ``ragcache_redis_errors_total``."""
+    text = str(exc)
+    if isinstance(exc, redis.TimeoutError) or isinstance(exc, TimeoutError):
+        return "timeout"
+    if "OOM" in text or "maxmemory" in text:
+        return "oom"
+    if isinstance(exc, (redis.exceptions.ClusterError, redis.exceptions.RedisClusterException)) or any(
+            word in text for word in ("CROSSSLOT", "MOVED", "ASK ", "CLUSTERDOWN", "slot")):
+        return "cluster"
+    if isinstance(exc, (redis.ConnectionError, OSError)):
+        return "connection"
+    if isinstance(exc, redis.ResponseError):
+        return "response"
+    return "other"
+
+
+class Breaker:
+    def __init__(self) -> None:
+        self.open_until = 0.0
+        self.probing = False
+        self.seen = False  # no call has succeeded yet: ragcache_redis_up is not known
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        """Whether this call may use Redis (the first call after a cooldown is the probe)."""
+        if not self.open_until:
+            return True
+        if time.monotonic() < self.open_until:
+            return False
+        with self._lock:
+            if self.probing or not self.open_until or time.monotonic() < self.open_until:
+                return not self.open_until
+            self.probing = True
+            return True
+
+    def check(self) -> None:
+        if not self.allow():
+            raise BreakerOpen("circuit breaker open")
+
+    def failed(self, exc: BaseException) -> None:
+        with self._lock:
+            was_closed = not self.open_until
+            self.open_until = time.monotonic() + float(get_config()["BREAKER_COOLDOWN"])
+            self.probing = False
+        metrics.REDIS_UP.set(0)
+        metrics.child(metrics.REDIS_ERRORS, error_kind(exc)).inc()
+        if was_closed:
+            logger.warning("ragcache: Redis unavailable (%s); serving without cache", type(exc).__name__)
+
+    def succeeded(self) -> None:
+        if self.open_until or not self.seen:
+            if self.open_until:
+                with self._lock:
+                    self.open_until = 0.0
+                    self.probing = False
+                logger.warning("ragcache: Redis is back; caching resumed")
+            self.seen = True
+            metrics.REDIS_UP.set(1)
+
+    def reset(self) -> None:
+        self.open_until = 0.0
+        self.probing = False
+        self.seen = False
+
+
+class Breakers:
+    """One breaker for a standalone Redis; one per virtual shard on a cluster, so that a
+    failed master makes only its own shards skip Redis while hits on the others go on."""
+
+    def __init__(self) -> None:
+        self.standalone = Breaker()
+        self.shards: list[Breaker] = []
+
+    def __call__(self, shard: int | None = None) -> Breaker:
+        if shard is None or not cluster_mode():
+            return self.standalone
+        if not self.shards:
+            from .keys import SHARDS
+
+            self.shards = [Breaker() for _ in range(SHARDS)]
+        return self.shards[shard]
+
+    def reset(self) -> None:
+        self.standalone.reset()
+        self.shards = []
+
+
+breaker_for = Breakers()
+breaker = breaker_for.standalone
+_clients: dict[str, Any] = {}
+_async_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_clients_lock = threading.Lock()
+
+# The connection settings an async standalone client takes over from the sync one.
+_ASYNC_KWARGS = {
+    "host", "port", "db", "username", "password", "socket_timeout", "socket_connect_timeout", "socket_keepalive",
+    "socket_keepalive_options", "client_name", "health_check_interval", "path", "protocol", "ssl_keyfile",
+    "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_data", "ssl_check_hostname", "ssl_min_version",
+    "ssl_ciphers", "lib_name", "lib_version",
+}
+
+
+def reset() -> None:
+    """Forget clients (settings changed, or tests). The breaker starts closed."""
+    with _clients_lock:
+        for client in list(_clients.values()):
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing a client that may already be broken
+                pass
+        _clients.clear()
+        _async_clients.clear()
+    breaker_for.reset()
+
+
+def cluster_mode() -> bool:
+    return bool(get_config()["REDIS_CLUSTER_URL"])
+
+
+def _alias_options() -> dict[str, Any]:
+    from django.conf import settings
+
+    cache = (getattr(settings, "CACHES", None) or {}).get(get_config()["CACHE_ALIAS"])
+    options = cache.get("OPTIONS") if isinstance(cache, dict) else None
+    return options if isinstance(options, dict) else {}
+
+
+def timeouts() -> tuple[float, float]:
+    """(socket timeout, connect timeout) of hot-path calls, in seconds."""
+    options = _alias_options()
+    socket = options.get("SOCKET_TIMEOUT") or DEFAULT_TIMEOUT
+    connect = options.get("SOCKET_CONNECT_TIMEOUT") or socket
+    return float(socket), float(connect)
+
+
+def _cluster_kwargs(socket_timeout: float) -> dict[str, Any]:
+    _, connect = timeouts()
+    # One attempt: a dead master's slots must answer "unavailable" within the timeout,
+    # not after redis-py's retries; the breaker and the next call do the retrying.
+    return {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect,
+        "retry": Retry(NoBackoff(), 0),
+        "require_full_coverage": False,
+    }
+
+
+def _make_sync(kind: str) -> Any:
+    config = get_config()
+    socket_timeout, _ = timeouts()
+    if kind == "bulk":
+        socket_timeout = float(config["BULK_SOCKET_TIMEOUT"])
+    if config["REDIS_CLUSTER_URL"]:
+        return redis.cluster.RedisCluster.from_url(config["REDIS_CLUSTER_URL"], **_cluster_kwargs(socket_timeout))
+    from django_redis import get_redis_connection
+
+    main = get_redis_connection(config["CACHE_ALIAS"])
+    if kind == "main":
+        return main
+    pool = main.connection_pool
+    kwargs = dict(pool.connection_kwargs, socket_timeout=socket_timeout)
+    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
+
+
+def client(kind: str = "main") -> Any:
+    """The sync client: ``main`` for the hot path, ``bulk`` (longer timeout) for
+    maintenance and blocking reads."""
+    found = _clients.get(kind)
+    if found is None:
+        with _clients_lock:
+            found = _clients.get(kind)
+            if found is None:
+                found = _clients[kind] = _make_sync(kind)
+    return found
+
+
+def _make_async(kind: str) -> Any:
+    config = get_config()
+    socket_timeout, _ = timeouts()
+    if kind == "bulk":
+        socket_timeout = float(config["BULK_SOCKET_TIMEOUT"])
+    if config["REDIS_CLUSTER_URL"]:
+        return redis.asyncio.cluster.RedisCluster.from_url(
+            config["REDIS_CLUSTER_URL"], **_cluster_kwargs(socket_timeout))
+    sync_pool = client("main").connection_pool
+    kwargs = {k: v for k, v in sync_pool.connection_kwargs.items() if k in _ASYNC_KWARGS}
+    kwargs["socket_timeout"] = socket_timeout
+    if "path" in kwargs:
+        connection_class = redis.asyncio.UnixDomainSocketConnection
+    elif any(k.startswith("ssl_") for k in kwargs) or sync_pool.connection_class is redis.SSLConnection:
+        connection_class = redis.asyncio.SSLConnection
+    else:
+        connection_class = redis.asyncio.Connection
+    return redis.asyncio.Redis(connection_pool=redis.asyncio.ConnectionPool(connection_class=connection_class, **kwargs))
+
+
+def async_client(kind: str = "main") -> Any:
+    """The asyncio client of the running event loop (made on first use in that loop)."""
+    loop = asyncio.get_running_loop()
+    per_loop = _async_clients.get(loop)
+    if per_loop is None:
+        per_loop = _async_clients[loop] = {}
+    found = per_loop.get(kind)
+    if found is None:
+        found = per_loop[kind] = _make_async(kind)
+    return found
