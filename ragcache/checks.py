@@ -15,9 +15,13 @@ from django.core.checks import CheckMessage, Error, Warning, register
 from .conf import DEFAULTS, get_config
 
 NUMBERS = ("LOCK_TIMEOUT", "LOCK_WAIT", "LOCK_POLL_INTERVAL", "BREAKER_COOLDOWN", "POLICY_MAX_AGE",
-           "AGGREGATION_LOCK_TIMEOUT")
+           "AGGREGATION_LOCK_TIMEOUT", "POLICY_RETRY_INTERVAL", "AGGREGATION_STALE_AFTER", "BULK_SOCKET_TIMEOUT")
 # Passed to Redis or used as counts: a float such as 1e6 would fail there at run time.
-INTEGERS = ("MAX_TTL", "STREAM_MAXLEN", "AGGREGATE_BATCH", "RETENTION_DAYS", "HIT_RATE_WINDOW")
+INTEGERS = ("MAX_TTL", "STREAM_MAXLEN", "AGGREGATE_BATCH", "RETENTION_DAYS", "HIT_RATE_WINDOW", "MAX_ENTRY_BYTES",
+            "MAX_SOURCES", "GATEWAY_MAX_BODY_BYTES")
+# What an entry read must move within the socket timeout, at the least: a conservative
+# floor for Redis copying the reply plus the network (bytes per second).
+ENTRY_BYTES_PER_SECOND = 20 * 1024 * 1024
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 DEFAULT_SERIALIZER = "django_redis.serializers.pickle.PickleSerializer"
 
@@ -165,4 +169,26 @@ def check_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> l
         ))
         return messages
     messages.extend(_check_cache(alias, caches[alias]))
+    messages.extend(_check_entry_size(config, caches[alias]))
     return messages
+
+
+def _check_entry_size(config: dict[str, Any], cache: Any) -> list[CheckMessage]:
+    """An entry must be readable within the socket timeout, or each lookup of it would
+    time out and open the breaker for every other question (ragcache.E007)."""
+    limit = config["MAX_ENTRY_BYTES"]
+    options = cache.get("OPTIONS") if isinstance(cache, dict) and isinstance(cache.get("OPTIONS"), dict) else {}
+    timeout = options.get("SOCKET_TIMEOUT")
+    if not _is_int(limit) or limit <= 0 or not _is_number(timeout) or timeout <= 0:
+        return []  # E004 / W003 say so
+    readable = int(timeout * ENTRY_BYTES_PER_SECOND)
+    if limit > readable:
+        return [Error(
+            f"RAGCACHE['MAX_ENTRY_BYTES'] is {limit} bytes, more than an entry read can carry within the "
+            f"{timeout} s socket timeout (about {readable} bytes).",
+            hint=f"Lower RAGCACHE['MAX_ENTRY_BYTES'] to at most {readable}, or raise the cache alias's "
+            "OPTIONS['SOCKET_TIMEOUT']: an entry that cannot be read in time makes every lookup of it time "
+            "out and opens the circuit breaker for all other questions.",
+            id="ragcache.E007",
+        )]
+    return []

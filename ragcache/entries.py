@@ -120,8 +120,22 @@ def _as_json(value: Any) -> Any:
     # OpenAI / pydantic response objects expose model_dump(); plain values pass through.
     dump = getattr(value, "model_dump", None)
     if callable(dump) and not isinstance(value, (str, dict, list)):
-        return dump(mode="json", exclude_unset=True)
+        try:
+            return dump(mode="json", exclude_unset=True)
+        except TypeError:  # a model_dump() of another shape
+            return dump()
     return value
+
+
+def _finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in a JSON value (orjson would write them as null)."""
+    if type(value) is float:
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def _token_count(usage: Mapping, name: str) -> int | None:
@@ -270,6 +284,8 @@ def encode(
         data = orjson.dumps(body)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise Refused("not_serializable", str(exc)) from None
+    if b"null" in data and not _finite(body):
+        raise Refused("not_serializable", "NaN or Infinity is not JSON")
     compressed = 0
     if compress_threshold and len(data) > compress_threshold:
         data = zlib.compress(data, 6)
@@ -445,6 +461,8 @@ class StreamRecorder:
         value = _as_json(chunk)
         try:
             data = orjson.dumps(value)
+            if b"null" in data and not _finite(value):
+                raise TypeError("NaN")
         except (TypeError, orjson.JSONEncodeError):
             self.refused = Refused("not_serializable", "a chunk is not JSON")
             self.chunks = None

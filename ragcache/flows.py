@@ -365,8 +365,8 @@ def _bypass(request: Request, plan: Plan):
     record_lookup(request, plan, "bypass", plan.bypass)
     if plan.bypass == "no_cache":
         return  # a refresh records its store (or refusal) afterwards
-    version = yield from _event(plan, "r", "bypass", "h", plan.header, "x", plan.bypass,
-                                record=plan.policy is not None)
+    # Every bypass is recorded, an unknown policy's too (under the name "unknown").
+    version = yield from _event(plan, "r", "bypass", "h", plan.header, "x", plan.bypass)
     if version is not None and registry.needs(version):
         yield RELOAD  # e.g. the kill switch was turned off: the next request uses the cache
 
@@ -544,7 +544,9 @@ def store(request: Request, plan: Plan, answer_of: Callable[[], Any], *, kind: s
     ``cache_response`` may plan again once if the policies just changed. Returns stored."""
     for _attempt in range(2):
         policy = plan.policy
-        if policy is None or plan.bypass not in ("", "no_cache") or policy.mode != "on" or request.no_store:
+        # Shadow mode stores too: it measures would-be hits, and always calls the LLM.
+        if policy is None or plan.bypass not in ("", "no_cache") or policy.mode not in ("on", "shadow") \
+                or request.no_store:
             yield from _release(plan, token, "released")
             return False
         ttl = min(request.ttl or policy.ttl_seconds, policy.ttl_seconds)
@@ -754,7 +756,7 @@ def _follow_stream(request: Request, found: Lookup, call: Callable[[], Any]):
         raise StreamInterrupted("the identical stream this one was sharing broke off after its first chunks were "
                                 "delivered; it cannot be resumed")
     iterator = yield Call(call, stream=True)
-    yield from _pass_through(request, plan, iterator, "", "", plan.policy.mode == "on")
+    yield from _pass_through(request, plan, iterator, "", "", plan.policy.mode in ("on", "shadow"))
 
 
 def _record_shared(request: Request, plan: Plan, recorder: StreamRecorder):

@@ -47,7 +47,7 @@ end
 # not write in this schema is deleted and answered as a miss ("corrupt"). On a miss, the
 # stamps of the request's sources are read (and created if missing), for the write guard.
 LOOKUP = Script("lookup", _EVENT_LUA + """
-local version = tonumber(redis.call('GET', KEYS[3]) or '0')
+local version = (tonumber(redis.call('GET', KEYS[3]) or '0') or 0)
 if version > tonumber(ARGV[1]) then return {'stale', version} end
 local reason = ''
 local found = redis.pcall('HMGET', KEYS[1], 'm', 'b', 's')
@@ -57,7 +57,7 @@ elseif found[1] or found[2] then
   local m, b = found[1], found[2]
   if m and b and string.sub(m, 1, #ARGV[9]) == ARGV[9] and tonumber(string.match(m, '"n":(%d+)')) == #b then
     local fresh = true
-    if found[3] then
+    if found[3] and found[3] ~= '' then
       for h, stamp in string.gmatch(found[3], '(%x+)=(%x+)') do
         if redis.call('GET', ARGV[10] .. h) ~= stamp then fresh = false; break end
       end
@@ -128,42 +128,40 @@ end
 # answer was made under another policy state) or when one of its sources was invalidated
 # meanwhile (its stamp is no longer the one the lookup saw).
 STORE = Script("store", _EVENT_LUA + _END_FLIGHT_LUA + """
-local version = tonumber(redis.call('GET', KEYS[3]) or '0')
+local version = (tonumber(redis.call('GET', KEYS[3]) or '0') or 0)
 local status = 'stored'
 if version > tonumber(ARGV[1]) then status = 'stale' end
-local recorded = {}
+local recorded, missing = {}, {}
 if status == 'stored' and ARGV[10] ~= '' then
   local seen = {}
   for stamp in string.gmatch(ARGV[11], '[^,]+') do seen[#seen + 1] = stamp end
   local i = 0
   for h in string.gmatch(ARGV[10], '%x+') do
     i = i + 1
-    local key = ARGV[9] .. h
-    local stamp = redis.call('GET', key)
+    local stamp = redis.call('GET', ARGV[9] .. h)
     if ARGV[11] ~= '' and stamp ~= seen[i] then status = 'stale_source'; break end
-    if stamp then
-      redis.call('PEXPIRE', key, ARGV[13], 'GT')
-    else
-      local made = redis.pcall('SET', key, ARGV[12], 'PX', ARGV[13])
-      if type(made) == 'table' and made.err then status = 'full'; break end
-      stamp = ARGV[12]
-    end
+    if not stamp then stamp = ARGV[12]; missing[#missing + 1] = h end
     recorded[#recorded + 1] = h .. '=' .. stamp
   end
 end
+-- The entry is the script's first write: under maxmemory Redis refuses only a script's
+-- first write, so a full Redis refuses the store instead of growing past its limit.
 if status == 'stored' then
-  redis.call('UNLINK', KEYS[1])
-  local written
-  if #recorded > 0 then
+  local written = redis.pcall('HSET', KEYS[1], 'm', ARGV[3], 'b', ARGV[4], 's', table.concat(recorded, ','))
+  if type(written) == 'table' and written.err and string.find(written.err, 'WRONGTYPE') then
+    redis.call('UNLINK', KEYS[1])
     written = redis.pcall('HSET', KEYS[1], 'm', ARGV[3], 'b', ARGV[4], 's', table.concat(recorded, ','))
-  else
-    written = redis.pcall('HSET', KEYS[1], 'm', ARGV[3], 'b', ARGV[4])
   end
   if type(written) == 'table' and written.err then
     status = 'full'
   elseif redis.call('PEXPIRE', KEYS[1], ARGV[2]) ~= 1 then
     redis.call('UNLINK', KEYS[1])
     status = 'full'
+  else
+    for _, h in ipairs(missing) do redis.call('SET', ARGV[9] .. h, ARGV[12], 'PX', ARGV[13]) end
+    for _, pair in ipairs(recorded) do
+      redis.call('PEXPIRE', ARGV[9] .. string.match(pair, '^(%x+)='), ARGV[13], 'GT')
+    end
   end
 end
 local lost = 0
@@ -218,7 +216,7 @@ if ARGV[1] == '1' then
   for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
   if not event(KEYS[1], ARGV[2], fields) then lost = 1 end
 end
-return {tonumber(redis.call('GET', KEYS[2]) or '0'), lost}
+return {tonumber(redis.call('GET', KEYS[2]) or '0') or 0, lost}
 """)
 
 # KEYS: the keys to delete (one slot). An entry found unreadable; a source's stamps.
@@ -229,7 +227,7 @@ return #KEYS
 
 # KEYS: 1 policy version copy; ARGV: 1 new version. Versions only ever grow.
 ANNOUNCE = Script("announce", """
-if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+if (tonumber(redis.call('GET', KEYS[1]) or '0') or 0) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
 return 1
 """)
 

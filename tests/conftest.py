@@ -17,7 +17,19 @@ import redis as redis_lib
 from ragcache import store
 from ragcache.policies import registry
 
+# The local Redis Cluster (3 masters + 3 replicas) and the contract's ``backend`` fixture.
+from .cluster import backend, cluster_backend, one_slot_guard, redis_cluster  # noqa: F401
+
+# The project's ASGI app under uvicorn on a free port, and the fake OpenAI upstream on it.
+from .upstream import asgi_server, fake_llm  # noqa: F401
+
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+
+
+# Tests that are not about timeouts must not depend on a quiet server: the shared Redis
+# may be loaded by other clients. Fault tests use private servers with the production
+# timeout (PrivateRedis.TIMEOUT).
+TEST_SOCKET_TIMEOUT = 2.0
 
 
 @pytest.fixture(autouse=True)
@@ -25,6 +37,12 @@ def ragcache_prefix(settings):
     """A fresh key prefix per test; its keys are removed afterwards."""
     prefix = f"rctest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     settings.RAGCACHE = {**settings.RAGCACHE, "KEY_PREFIX": prefix}
+    alias = settings.RAGCACHE.get("CACHE_ALIAS", "ragcache")
+    caches = {**settings.CACHES}
+    caches[alias] = {**caches[alias], "OPTIONS": {**caches[alias].get("OPTIONS", {}),
+                                                  "SOCKET_TIMEOUT": TEST_SOCKET_TIMEOUT,
+                                                  "SOCKET_CONNECT_TIMEOUT": TEST_SOCKET_TIMEOUT}}
+    settings.CACHES = caches
     registry.invalidate()
     store.reset_clients()
     yield prefix
@@ -82,6 +100,8 @@ def free_port() -> int:
 class PrivateRedis:
     """A redis-server of the test's own on a free port, to stop and start at will."""
 
+    TIMEOUT = 0.1  # the production socket timeout: fault tests measure against it
+
     def __init__(self, directory: Path) -> None:
         self.port = free_port()
         self.directory = directory
@@ -124,7 +144,9 @@ def private_redis(tmp_path, settings):
     server = PrivateRedis(tmp_path)
     server.start()
     caches = {**settings.CACHES}
-    caches["ragcache"] = {**caches["ragcache"], "LOCATION": server.url}
+    caches["ragcache"] = {**caches["ragcache"], "LOCATION": server.url,
+                          "OPTIONS": {**caches["ragcache"].get("OPTIONS", {}), "SOCKET_TIMEOUT": server.TIMEOUT,
+                                      "SOCKET_CONNECT_TIMEOUT": server.TIMEOUT}}
     settings.CACHES = caches
     store.reset_clients()
     registry.invalidate()

@@ -1,0 +1,454 @@
+"""Regression tests for the defect kinds of the Trust issue that live in the cache core:
+wrong answers (policy changes mid-call, key gaps, normalisation), never raise / never
+poison (validated reads, oversized entries, a full Redis), and concurrency (lock leaks,
+cancellation, blocking calls on the event loop, the breaker's half-open probe, a
+follower's latency). Each against the real Redis; private servers for the faults."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from decimal import Decimal
+
+import pytest
+import redis as redis_lib
+from django.core.checks import run_checks
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from prometheus_client import REGISTRY
+
+from ragcache import aggregation, keys, store
+from ragcache.models import CacheFlags, CachePolicy, ModelPrice, UsageRecord
+from ragcache.policies import registry
+from ragcache.services import cache_service
+
+MODEL = "gpt-trust"
+
+
+def answer(text="An answer.", finish_reason="stop"):
+    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": 30, "completion_tokens": 10}}
+
+
+def entry_keys(client, prefix):
+    return sorted(k.decode() for k in client.scan_iter(match=keys.layout(prefix).entry_pattern(), count=1000))
+
+
+def lock_keys(client, prefix):
+    return [k.decode() for k in client.scan_iter(match=f"{keys.layout(prefix).root}:*:l:*", count=1000)]
+
+
+def sample(name, **labels):
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class Gate:
+    """A slow LLM call the test can hold open: ``entered`` once it runs, ``release`` to finish."""
+
+    def __init__(self, response):
+        self.response = response
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        self.entered.set()
+        assert self.release.wait(10)
+        return self.response
+
+
+def in_thread(fn):
+    box = {}
+
+    def run():
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+@pytest.fixture
+def default_policy(policy_factory):
+    policy = policy_factory("default", ttl_seconds=3600)
+    registry.current()  # warm: threads of these tests then need no SQL
+    return policy
+
+
+# --- 1. A policy change during a call never stores the answer under the new state ---------------
+
+CHANGES = {
+    "purge": lambda policy: policy.purge(),
+    "scope global -> user": lambda policy: _save(policy, scope="user"),
+    "mode read_only": lambda policy: _save(policy, mode="read_only"),
+    "ttl shortened": lambda policy: _save(policy, ttl_seconds=5),
+    "kill switch on and off": lambda policy: (_flags(kill_switch=True), _flags(kill_switch=False)),
+}
+
+
+def _save(policy, **fields):
+    fresh = CachePolicy.objects.get(pk=policy.pk)
+    for name, value in fields.items():
+        setattr(fresh, name, value)
+    fresh.save()
+
+
+def _flags(**fields):
+    flags = CacheFlags.load()
+    for name, value in fields.items():
+        setattr(flags, name, value)
+    flags.save()
+
+
+@pytest.mark.parametrize("change", list(CHANGES.values()), ids=list(CHANGES))
+def test_a_policy_change_during_a_call_stores_nothing_and_never_raises(
+        default_policy, redis_client, ragcache_prefix, django_capture_on_commit_callbacks, change):
+    llm = Gate(answer("pre-change answer"))
+    thread, box = in_thread(lambda: cache_service.get_or_call("q", llm, model=MODEL))
+    assert llm.entered.wait(5)
+    with django_capture_on_commit_callbacks(execute=True):  # the edit commits: every process is told
+        change(default_policy)
+    llm.release.set()
+    thread.join(10)
+    assert "error" not in box, box.get("error")
+    result = box["result"]
+    assert result.response == answer("pre-change answer") and not result.stored
+    assert entry_keys(redis_client, ragcache_prefix) == []  # nowhere: neither old nor new state
+    assert lock_keys(redis_client, ragcache_prefix) == []  # and the lock was released
+    registry.invalidate()
+    policy = CachePolicy.objects.get(name="default")
+    scope = 1 if policy.scope != "global" else None
+    assert cache_service.get_cached_response("q", model=MODEL, scope=scope) is None
+
+
+def test_a_purge_before_the_store_refuses_it_but_the_next_call_stores(default_policy,
+                                                                        django_capture_on_commit_callbacks):
+    llm = Gate(answer())
+    thread, box = in_thread(lambda: cache_service.get_or_call("q", llm, model=MODEL))
+    assert llm.entered.wait(5)
+    with django_capture_on_commit_callbacks(execute=True):
+        default_policy.purge()
+    llm.release.set()
+    thread.join(10)
+    assert not box["result"].stored
+    assert cache_service.get_or_call("q", lambda: answer("after"), model=MODEL).stored
+    assert cache_service.get_cached_response("q", model=MODEL).content == "after"
+
+
+# --- 3. Key gaps: every answer-shaping param enters the key, equal numbers are one key ------------
+
+@pytest.mark.parametrize(("first", "second"), [
+    ({"n": 1}, {"n": 3}),
+    ({"presence_penalty": 0}, {"presence_penalty": 1.5}),
+    ({"frequency_penalty": 0.1}, {"frequency_penalty": 0.2}),
+    ({"reasoning_effort": "low"}, {"reasoning_effort": "high"}),
+    ({"max_completion_tokens": 100}, {"max_completion_tokens": 200}),
+    ({"logit_bias": {"50256": -100}}, {}),
+    ({"modalities": ["text"]}, {"modalities": ["text", "audio"]}),
+    ({"verbosity": "low"}, {"verbosity": "high"}),
+    ({"temperature": 1}, {"temperature": True}),  # a bool is not the number 1
+])
+def test_every_answer_shaping_param_enters_the_key(default_policy, first, second):
+    assert cache_service.cache_response("q", answer("first"), model=MODEL, params=first)
+    assert cache_service.get_cached_response("q", model=MODEL, params=second) is None
+    assert cache_service.get_cached_response("q", model=MODEL, params=first).content == "first"
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ({"temperature": 0}, {"temperature": 0.0}),
+    ({"top_p": 1}, {"top_p": 1.0}),
+    ({"seed": 7, "user": "alice"}, {"seed": 7, "user": "bob"}),
+    ({"stream": False, "metadata": {"a": 1}}, {"stream": True}),
+    ({"timeout": 5, "extra_headers": {"X": "1"}}, {}),
+    ({"a": 1, "b": 2}, {"b": 2, "a": 1}),
+])
+def test_equal_requests_share_one_key(default_policy, first, second):
+    assert cache_service.cache_response("q", answer("shared"), model=MODEL, params=first)
+    assert cache_service.get_cached_response("q", model=MODEL, params=second).content == "shared"
+
+
+def test_a_policy_can_declare_more_params_as_not_shaping_the_answer(policy_factory):
+    policy_factory("default", ignored_params=["user", "request_id"])
+    assert cache_service.cache_response("q", answer("x"), model=MODEL, params={"request_id": "r1"})
+    assert cache_service.get_cached_response("q", model=MODEL, params={"request_id": "r2"}).content == "x"
+    assert cache_service.get_cached_response("q", model=MODEL, params={"request_id": "r2", "n": 2}) is None
+
+
+# --- 4. Normalisation never merges texts whose lines or indentation differ --------------------------
+
+CODE_A = "def f(x):\n    if x:\n        return 1\n    return 2"
+CODE_B = "def f(x):\n    if x:\n        return 1\n        return 2"
+
+
+def test_normalisation_keeps_lines_and_indentation(policy_factory):
+    policy_factory("default", normalize_query=True)
+    assert cache_service.cache_response(CODE_A, answer("A's review"), model=MODEL)
+    assert cache_service.get_cached_response(CODE_B, model=MODEL) is None
+    assert cache_service.get_cached_response("def f(x):\n    if x:\n        return 1\n    return 2",
+                                             model=MODEL).content == "A's review"
+    assert cache_service.get_cached_response(CODE_A.replace("\n", " "), model=MODEL) is None
+    # What it does merge: case, runs of spaces inside a line, trailing spaces, NFKC.
+    assert cache_service.cache_response("What is  the TTL?  ", answer("ttl"), model=MODEL)
+    assert cache_service.get_cached_response("what is the ttl?", model=MODEL).content == "ttl"
+    assert cache_service.get_cached_response("what is the ttl?\nreally", model=MODEL) is None
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_canonically_equal_unicode_is_one_question(policy_factory, normalize):
+    policy_factory("default", normalize_query=normalize)
+    nfc, nfd = "caf\u00e9 opening hours", "cafe\u0301 opening hours"
+    assert nfc != nfd
+    assert cache_service.cache_response(nfc, answer("9 to 5"), model=MODEL)
+    assert cache_service.get_cached_response(nfd, model=MODEL).content == "9 to 5"
+    assert cache_service.get_cached_response([{"role": "user", "content": nfd}], model=MODEL).content == "9 to 5"
+
+
+# --- 5. Everything read back is validated; a corrupt hit is recorded as a miss -----------------------
+
+@pytest.mark.parametrize("plant", ["meta", "body"])
+def test_a_corrupt_entry_is_recorded_as_a_miss_not_a_hit(default_policy, redis_client, plant):
+    assert cache_service.cache_response("q", answer(), model=MODEL)
+    key = cache_service.get_or_call("q", lambda: None, model=MODEL).key
+    before = aggregation.aggregate()
+    assert before.ingested >= 2
+    if plant == "meta":  # numbers no answer has, behind a valid schema prefix and length
+        meta = redis_client.hget(key, "m").replace(b'"pt":30', b'"pt":-5')
+        redis_client.hset(key, "m", meta)
+    else:  # the recorded length, unreadable bytes
+        redis_client.hset(key, "b", b"\xff" * len(redis_client.hget(key, "b")))
+    corrupt_before = sample("ragcache_corrupt_entries_total", policy="default")
+    llm_result = cache_service.get_or_call("q", lambda: answer("fresh"), model=MODEL)
+    assert llm_result.hit is False and llm_result.response == answer("fresh")
+    assert sample("ragcache_corrupt_entries_total", policy="default") == corrupt_before + 1
+    aggregation.aggregate()
+    last_lookup = UsageRecord.objects.filter(result__in=["hit", "miss"]).order_by("-ts", "-id").first()
+    assert (last_lookup.result, last_lookup.reason, last_lookup.tokens_avoided) == ("miss", "corrupt", 0)
+    assert UsageRecord.objects.filter(result="hit").count() == 1  # only the good hit before the damage
+
+
+def test_negative_prices_are_refused_with_a_message(db):
+    price = ModelPrice(model="m", input_per_1k=Decimal("-1"), output_per_1k=Decimal("1"))
+    with pytest.raises(ValidationError) as info:
+        price.full_clean()
+    assert "input_per_1k" in info.value.message_dict
+    with pytest.raises(IntegrityError), transaction.atomic():
+        ModelPrice.objects.create(model="m", input_per_1k=Decimal("1"), output_per_1k=Decimal("-0.5"))
+
+
+# --- 7. One large entry never blacks out the cache -----------------------------------------------------
+
+def test_an_entry_larger_than_the_timeouts_can_carry_is_refused(policy_factory, redis_client, ragcache_prefix):
+    policy = policy_factory("default", compress_threshold_bytes=0)
+    CachePolicy.objects.filter(pk=policy.pk).update(max_entry_bytes=64 * 1024 * 1024)  # past the form's check
+    registry.invalidate()
+    assert cache_service.cache_response("small", answer(), model=MODEL)
+    huge = answer("x" * (48 * 1024 * 1024))
+    assert cache_service.cache_response("huge", huge, model=MODEL) is False  # RAGCACHE['MAX_ENTRY_BYTES']
+    assert len(entry_keys(redis_client, ragcache_prefix)) == 1
+    assert cache_service.get_cached_response("small", model=MODEL) is not None
+
+
+def test_max_entry_bytes_is_bounded_in_the_admin_and_by_a_system_check(policy_factory, settings):
+    policy = policy_factory("default")
+    policy.max_entry_bytes = 64 * 1024 * 1024
+    with pytest.raises(ValidationError) as info:
+        policy.full_clean()
+    assert "RAGCACHE['MAX_ENTRY_BYTES']" in str(info.value)
+    settings.RAGCACHE = {**settings.RAGCACHE, "MAX_ENTRY_BYTES": 64 * 1024 * 1024}
+    caches = {**settings.CACHES}
+    caches["ragcache"] = {**caches["ragcache"], "OPTIONS": {**caches["ragcache"]["OPTIONS"], "SOCKET_TIMEOUT": 0.1}}
+    settings.CACHES = caches
+    errors = [m for m in run_checks() if m.id == "ragcache.E007"]
+    assert len(errors) == 1 and "SOCKET_TIMEOUT" in errors[0].hint
+
+
+# --- 8. A full Redis still serves hits; lost events are counted -----------------------------------------
+
+@pytest.mark.slow
+def test_a_full_redis_still_serves_hits(private_redis, default_policy):
+    for i in range(20):
+        assert cache_service.cache_response(f"q{i}", answer(f"a{i}"), model=MODEL)
+    client = redis_lib.Redis(port=private_redis.port)
+    client.config_set("maxmemory-policy", "noeviction")  # Redis's default: refuse writes when full
+    client.config_set("maxmemory", client.info("memory")["used_memory"] // 2)
+    with pytest.raises(redis_lib.exceptions.OutOfMemoryError):
+        client.set("one more", "z")
+    lost_before = sample("ragcache_usage_events_lost_total", reason="redis_full")
+    streams = store.current_layout().streams
+    events_before = sum(client.xlen(s) for s in streams)
+    hits = [cache_service.get_or_call(f"q{i}", lambda: answer("called"), model=MODEL) for i in range(20)]
+    assert [r.hit for r in hits] == [True] * 20
+    lost = sample("ragcache_usage_events_lost_total", reason="redis_full") - lost_before
+    written = sum(client.xlen(s) for s in streams) - events_before
+    assert lost >= 15 and lost + written == 20  # every event is either in a stream or counted as lost
+    stored = cache_service.get_or_call("new question", lambda: answer("new"), model=MODEL)
+    assert stored.response == answer("new") and stored.stored is False
+    client.close()
+
+
+# --- 11. Every lock taken is released on every path -----------------------------------------------------
+
+def test_kill_switch_flipped_during_a_call_leaves_no_lock(default_policy, redis_client, ragcache_prefix,
+                                                          django_capture_on_commit_callbacks):
+    llm = Gate(answer())
+    thread, box = in_thread(lambda: cache_service.get_or_call("q", llm, model=MODEL))
+    assert llm.entered.wait(5)
+    assert len(lock_keys(redis_client, ragcache_prefix)) == 1
+    with django_capture_on_commit_callbacks(execute=True):
+        _flags(kill_switch=True)
+    with django_capture_on_commit_callbacks(execute=True):
+        _flags(kill_switch=False)
+    llm.release.set()
+    thread.join(10)
+    assert lock_keys(redis_client, ragcache_prefix) == []
+    again = cache_service.get_or_call("q", lambda: answer("again"), model=MODEL)
+    assert again.reason != "lock_timeout" and again.stored
+
+
+@pytest.mark.slow
+def test_a_call_cancelled_during_its_lookup_leaves_no_lock(private_redis, default_policy, settings):
+    settings.RAGCACHE = {**settings.RAGCACHE, "BREAKER_COOLDOWN": 0.05, "LOCK_WAIT": 5.0}
+    caches = {**settings.CACHES}  # a timeout longer than the caller's patience: it cancels mid-lookup
+    caches["ragcache"] = {**caches["ragcache"], "OPTIONS": {**caches["ragcache"]["OPTIONS"], "SOCKET_TIMEOUT": 2.0}}
+    settings.CACHES = caches
+    assert cache_service.get_cached_response("warm", model=MODEL) is None  # scripts loaded
+    client = redis_lib.Redis(port=private_redis.port)
+    stall = threading.Thread(target=lambda: redis_lib.Redis(port=private_redis.port).execute_command(
+        "DEBUG", "SLEEP", "0.5"), daemon=True)
+    stall.start()
+    time.sleep(0.05)
+
+    async def cancelled():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(cache_service.aget_or_call("q", lambda: answer(), model=MODEL), 0.2)
+
+    asyncio.run(cancelled())
+    stall.join(5)
+    time.sleep(0.1)  # the stalled server has now run whatever it had received
+    locks = [k for k in client.scan_iter(match="*:l:*")]
+    # Whatever the late script did, the next call of this process releases what was ours.
+    result = cache_service.get_or_call("q", lambda: answer("fresh"), model=MODEL)
+    assert result.reason != "lock_timeout" and result.stored
+    assert [k for k in client.scan_iter(match="*:l:*")] == []
+    print(f"locks left by the cancelled lookup before cleanup: {len(locks)}")
+    client.close()
+
+
+def test_async_cancellation_during_the_call_releases_the_lock(default_policy, redis_client, ragcache_prefix):
+    async def slow():
+        await asyncio.sleep(5)
+
+    async def scenario():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(cache_service.aget_or_call("q", slow, model=MODEL), 0.2)
+
+    asyncio.run(scenario())
+    assert lock_keys(redis_client, ragcache_prefix) == []
+
+
+# --- 12. aget_or_call never blocks the event loop with a plain function -------------------------------
+
+def test_plain_function_calls_run_off_the_event_loop(default_policy):
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def blocking_llm(n):
+        def call():
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.5)
+            with lock:
+                running[0] -= 1
+            return answer(f"answer {n}")
+        return call
+
+    async def scenario():
+        return await asyncio.gather(*(cache_service.aget_or_call(f"q{n}", blocking_llm(n), model=MODEL)
+                                      for n in range(3)))
+
+    results = asyncio.run(scenario())
+    assert [r.response for r in results] == [answer(f"answer {n}") for n in range(3)]
+    assert most[0] == 3  # all three ran at once: none blocked the loop
+
+
+# --- 13. Half-open means one probe ----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_after_the_cooldown_one_call_probes_a_stalled_redis(private_redis, default_policy, settings):
+    settings.RAGCACHE = {**settings.RAGCACHE, "BREAKER_COOLDOWN": 0.3}
+    assert cache_service.get_cached_response("warm", model=MODEL) is None
+    stall = threading.Thread(target=lambda: redis_lib.Redis(port=private_redis.port).execute_command(
+        "DEBUG", "SLEEP", "2.5"), daemon=True)
+    stall.start()
+    time.sleep(0.05)
+    calls, lock, stop = [], threading.Lock(), time.monotonic() + 2.0
+
+    def worker():
+        while time.monotonic() < stop:
+            started = time.monotonic()
+            assert cache_service.get_cached_response("q", model=MODEL) is None
+            took = time.monotonic() - started
+            with lock:
+                calls.append((started, took))
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    stall.join(5)
+    waits = sorted((s, s + t) for s, t in calls if t >= PrivateRedisTimeout.WAITED)
+    first_open = waits[0][1]
+    probes = [w for w in waits if w[0] > first_open]
+    assert probes, "the breaker never probed again"
+    for earlier, later in zip(probes, probes[1:], strict=False):
+        assert later[0] >= earlier[1] - 0.01, "two probes waited on the stalled server at once"
+    print(f"{len(calls)} calls; {len(waits)} waited on the socket; {len(probes)} probes after the first opening")
+
+
+class PrivateRedisTimeout:
+    WAITED = 0.08  # a call that waited on the 0.1 s socket timeout
+
+
+# --- 15. A follower's latency avoided excludes its own wait -------------------------------------------
+
+def test_a_followers_latency_avoided_excludes_its_wait(default_policy, settings):
+    settings.RAGCACHE = {**settings.RAGCACHE, "LOCK_WAIT": 10.0}
+
+    def slow():
+        time.sleep(1.0)
+        return answer("slow answer")
+
+    leader, _ = in_thread(lambda: cache_service.get_or_call("q", slow, model=MODEL))
+    time.sleep(0.1)
+    follower = cache_service.get_or_call("q", lambda: pytest.fail("the follower called"), model=MODEL)
+    leader.join(10)
+    assert follower.hit
+    aggregation.aggregate()
+    hit = UsageRecord.objects.get(result="hit")
+    # The leader's call took ~1000 ms; the follower waited ~900 of them: ~100 ms avoided.
+    assert hit.latency_avoided_ms < 300, hit.latency_avoided_ms
+    assert follower.cached.latency_ms >= 1000
+
+
+# --- 6. Foreign bytes at ragcache's own bookkeeping keys never make a page fail ------------------------
+
+def test_foreign_bytes_at_bookkeeping_keys(admin_client, default_policy, redis_client):
+    layout = store.current_layout()
+    redis_client.set(layout.aggregation_last, b"\xff\xfe not a time")
+    redis_client.set(layout.versions[0], b"nonsense")
+    redis_client.xadd(layout.streams[0], {"r": "hit", "h": "\x00", "e": "{"})
+    assert store.last_aggregation() is None
+    assert admin_client.get("/ragcache/health").status_code in (200, 503)
+    assert admin_client.get("/metrics").status_code == 200
+    assert admin_client.get("/admin/ragcache/usagerollup/report/").status_code == 200
+    result = aggregation.aggregate()
+    assert result.malformed == 1
+
