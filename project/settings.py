@@ -162,6 +162,12 @@ STATIC_ROOT = BASE_DIR / ".run" / "static"
 
 # Demo fake LLM: how long it "thinks" (ms), so the cache's effect is visible.
 DEMO_LLM_DELAY_MS = int(os.environ.get("DEMO_LLM_DELAY_MS", "800"))
+# The OpenAI-compatible fake at /fake-llm/v1/ (project/demo/fake_upstream.py): time to the
+# first chunk and between token-sized chunks (ms); DEMO_LLM_API_KEY, when set, is the only
+# bearer key it accepts.
+DEMO_LLM_FIRST_CHUNK_MS = int(os.environ.get("DEMO_LLM_FIRST_CHUNK_MS", "300"))
+DEMO_LLM_CHUNK_DELAY_MS = int(os.environ.get("DEMO_LLM_CHUNK_DELAY_MS", "30"))
+DEMO_LLM_API_KEY = os.environ.get("DEMO_LLM_API_KEY") or None
 
 LOGGING = {
     "version": 1,
