@@ -122,7 +122,7 @@ end
 #       7 event header, 8 lock token ("" none), 9 stamp key base, 10 sources ("h1,h2" or ""),
 #       11 stamps seen when the call began ("s1,s2", "" when there was no lookup), 12 new stamp value,
 #       13 stamp ttl ms, 14 flight ttl ms
-# Reply: {'stored' | 'stale' | 'stale_source' | 'full', version, lost}
+# Reply: {'stored' | 'stale' | 'stale_source' | 'full' | 'invalid_ttl', version, lost}
 # The value and its expiry are written together: there is never an entry without a TTL.
 # Write guard: nothing is stored when the policies changed since the call began (the
 # answer was made under another policy state) or when one of its sources was invalidated
@@ -131,6 +131,8 @@ STORE = Script("store", _EVENT_LUA + _END_FLIGHT_LUA + """
 local version = (tonumber(redis.call('GET', KEYS[3]) or '0') or 0)
 local status = 'stored'
 if version > tonumber(ARGV[1]) then status = 'stale' end
+-- PEXPIRE 0 deletes the key and still answers 1: a TTL below 1 ms is never 'stored'.
+if status == 'stored' and (tonumber(ARGV[2]) or 0) < 1 then status = 'invalid_ttl' end
 local recorded, missing = {}, {}
 if status == 'stored' and ARGV[10] ~= '' then
   local seen = {}

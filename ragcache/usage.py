@@ -8,6 +8,7 @@ answer text: a header of policy, model, hashed scope, short key and gateway key 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -67,12 +68,12 @@ class UsageEvent:
 class UsageTracker:
     """Step 63: record what a request did, and for a hit what it avoided."""
 
-    def track(self, event: UsageEvent, *, written: bool = True) -> bool:
-        """Count ``event`` in metrics and write its step 63 line (INFO for hits, DEBUG
-        otherwise). ``written=False`` also appends it to its usage stream: the cache's
-        own events are written by its scripts, in the round trip they belong to, so the
-        service never needs that. Returns whether the event is in a stream; never raises
-        for Redis trouble."""
+    def track(self, event: UsageEvent, *, written: bool = False) -> bool:
+        """Record ``event``: count it in metrics, write its step 63 line (INFO for hits,
+        DEBUG otherwise) and append it to its shard's usage stream. ``written=True``
+        skips the append: the cache's own events are written by its scripts, in the
+        round trip they belong to. Returns whether the event is in a stream (False when
+        tracking is off or Redis refused it); never raises for Redis trouble."""
         if event.result == "hit":
             model = metrics.model_label(event.model)
             if event.tokens_avoided:
@@ -91,6 +92,7 @@ class UsageTracker:
     def _append(event: UsageEvent) -> bool:
         from . import store
         from .conf import get_config
+        from .entries import KIND_RESPONSE, Usage, make_meta
         from .keys import SHARDS, shard_of
         from .policies import registry
         from .scripts import EVENT
@@ -100,10 +102,16 @@ class UsageTracker:
             return False
         shard = shard_of(event.key_hash.ljust(16, "0")) if len(event.key_hash) >= 16 else 0
         layout = store.current_layout()
+        fields = ["r", event.result, "h", event.header, "x", event.reason]
+        if event.result == "hit":  # what it avoided travels as entry metadata, as the scripts write it
+            now = time.time()
+            fields += ["e", make_meta(
+                kind=KIND_RESPONSE, model=event.model, finish_reason=None,
+                usage=Usage(event.tokens_avoided, 0, 0, event.usage_known), cost=event.cost_avoided,
+                latency_ms=event.latency_avoided_ms, created=now, expires=now)]
         try:
             reply = store.run(EVENT, [layout.streams[shard], layout.versions[shard]],
-                              ["1", max(1, int(get_config()["STREAM_MAXLEN"]) // SHARDS), event.result,
-                               event.header, event.reason], shard=shard)
+                              ["1", max(1, int(get_config()["STREAM_MAXLEN"]) // SHARDS), *fields], shard=shard)
         except store.RedisUnavailable:
             metrics.child(metrics.EVENTS_LOST, "redis_unavailable").inc()
             return False
