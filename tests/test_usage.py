@@ -1,6 +1,7 @@
 """Step 63: a hit is tracked in the same Redis round trip as its lookup, the step log line
-has the seed's shape without prompt text, tracking can be switched off, and cost avoided
-comes from the response's own cost or else from ModelPrice."""
+has the seed's shape without prompt text, tracking can be switched off, cost avoided
+comes from the response's own cost or else from ModelPrice, and input tokens a provider
+served from its own prompt cache are priced at their own rate."""
 from __future__ import annotations
 
 import json
@@ -12,10 +13,13 @@ import pytest
 from redis.connection import AbstractConnection
 
 from ragcache import store
-from ragcache.models import CacheFlags, ModelPrice, UsageRecord
+from ragcache.aggregation import aggregate
+from ragcache.models import CacheFlags, ModelPrice, UsageRecord, UsageRollup
 from ragcache.policies import registry
 from ragcache.services import cache_service
-from ragcache.usage import UsageEvent, aggregate, usage_tracker
+from ragcache.usage import UsageEvent, parse_header, usage_tracker
+
+from .test_aggregation import counter_value, report_json, stream_events
 
 STEP_63 = re.compile(
     r"^RAG STEP 63 \(RAG\.cache\.usagetracker\.track\.track\.cache\.hit\): "
@@ -97,7 +101,7 @@ def test_hit_is_tracked_in_the_lookup_round_trip(policy_factory, redis_client, c
         lambda: cache_service.get_cached_response(PROMPT, model="gpt-x"),
         lambda: cache_service.get_or_call(PROMPT, lambda: pytest.fail("a hit must not call the LLM"), model="gpt-x"),
     ):
-        before = redis_client.xlen(store.stream_key())
+        before = {(shard, entry_id) for shard, entry_id, _ in stream_events(redis_client)}
         sent.clear()
         result = lookup()
         trips = list(sent)
@@ -105,9 +109,9 @@ def test_hit_is_tracked_in_the_lookup_round_trip(policy_factory, redis_client, c
         # Exactly one packet: the lookup script, which also appended the usage event.
         assert len(trips) == 1, trips
         assert trips[0].count(b"EVALSHA") == 1 and b"XADD" not in trips[0]
-        events = redis_client.xrange(store.stream_key())[before:]
-        assert [fields[b"r"] for _id, fields in events] == [b"hit"]
-        assert (events[0][1][b"p"], events[0][1][b"m"]) == (b"default", b"gpt-x")
+        events = [fields for shard, entry_id, fields in stream_events(redis_client) if (shard, entry_id) not in before]
+        assert [fields[b"r"] for fields in events] == [b"hit"]
+        assert parse_header(events[0][b"h"].decode())[:2] == ("default", "gpt-x")
 
 
 def test_tracking_off_records_nothing_but_still_serves_hits(policy_factory, redis_client, count_round_trips):
@@ -129,9 +133,9 @@ def test_tracking_off_records_nothing_but_still_serves_hits(policy_factory, redi
 
     assert hit is not None and hit.content == ANSWER
     assert trips == 1
-    assert redis_client.xlen(store.stream_key()) == 0
+    assert store.backlog() == 0
     assert usage_tracker.track(UsageEvent(policy="default", result="miss", model="gpt-x")) is False
-    assert redis_client.xlen(store.stream_key()) == 0
+    assert store.backlog() == 0
 
 
 def test_step_63_log_line_shape_and_no_prompt_text(policy_factory, step_log):
@@ -180,6 +184,74 @@ def test_cost_avoided_from_own_cost_else_model_price(policy_factory, step_log, r
 
     result = aggregate()
     assert result.ingested == 8 and result.malformed == 0
-    hits = UsageRecord.objects.filter(result="hit").order_by("event_id")
-    assert [h.cost_avoided for h in hits] == [Decimal("0.0042"), Decimal("0.105"), Decimal("0.18"), Decimal(0)]
+    hits = UsageRecord.objects.filter(result="hit")
+    assert sorted(h.cost_avoided for h in hits) == [Decimal(0), Decimal("0.0042"), Decimal("0.105"), Decimal("0.18")]
     assert [h.tokens_avoided for h in hits] == [150, 150, 150, 150]
+
+
+def test_track_records_an_event_of_its_own(policy_factory):
+    """usage_tracker.track() is public: an event it is given is recorded, figures included."""
+    policy_factory("default")
+    assert usage_tracker.track(UsageEvent(policy="default", result="miss", model="gpt-x", key_hash="0" * 16))
+    assert usage_tracker.track(UsageEvent(
+        policy="default", result="hit", model="gpt-x", key_hash="1" * 16, tokens_avoided=100,
+        cost_avoided=Decimal("0.5"), latency_avoided_ms=250.0, usage_known=True))
+    assert store.backlog() == 2
+    assert aggregate().ingested == 2
+    hit = UsageRecord.objects.get(result="hit")
+    assert (hit.tokens_avoided, hit.cost_avoided, hit.latency_avoided_ms, hit.key_hash) == (
+        100, Decimal("0.5"), 250.0, "1" * 16)
+    assert UsageRecord.objects.get(result="miss").key_hash == "0" * 16
+
+
+# --- Trust (issue 10), item 16: cached input tokens at their own price -----------------------------
+
+PRICES = {"input_per_1k": Decimal("0.0025"), "cached_input_per_1k": Decimal("0.00125"),
+          "output_per_1k": Decimal("0.01")}
+CACHED_USAGE = {
+    "openai": {"prompt_tokens": 10000, "prompt_tokens_details": {"cached_tokens": 9000}, "completion_tokens": 500},
+    "anthropic": {"input_tokens": 1000, "cache_read_input_tokens": 9000, "output_tokens": 500},
+    "deepseek": {"prompt_tokens": 10000, "prompt_cache_hit_tokens": 9000, "prompt_cache_miss_tokens": 1000,
+                 "completion_tokens": 500},
+}
+
+
+def hit_three_times(policy_factory, settings, model: str, usage: dict, **prices) -> float:
+    """Store an answer with ``usage`` under ``model`` (priced with ``prices``), hit it three
+    times, aggregate; returns what ragcache_cost_avoided_total grew by."""
+    settings.RAGCACHE = {**settings.RAGCACHE, "METRICS_MODELS": [model]}
+    policy_factory("default")
+    ModelPrice.objects.create(model=model, **prices)
+    registry.invalidate()
+    before = counter_value("ragcache_cost_avoided_total", policy="default", model=model)
+    response = {"choices": [{"message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}],
+                "usage": usage}
+    assert cache_service.cache_response("a long shared context", response, model=model)
+    for _ in range(3):
+        assert cache_service.get_cached_response("a long shared context", model=model) is not None
+    assert aggregate().ingested == 4
+    return counter_value("ragcache_cost_avoided_total", policy="default", model=model) - before
+
+
+@pytest.mark.parametrize("provider", list(CACHED_USAGE))
+def test_trust_16_cached_input_tokens_are_priced_at_their_own_rate(policy_factory, settings, provider):
+    """10,000 prompt tokens of which 9,000 were read from the provider's prompt cache:
+    (1,000 x 0.0025 + 9,000 x 0.00125 + 500 x 0.01) / 1,000 = 0.01875 per hit. 0.1 priced
+    every input token at the full rate: 0.03, overstated by 60 %."""
+    model = f"gpt-cached-{provider}"
+    metric = hit_three_times(policy_factory, settings, model, CACHED_USAGE[provider], **PRICES)
+    hits = UsageRecord.objects.filter(result="hit")
+    assert [(h.cost_avoided, h.tokens_avoided) for h in hits] == [(Decimal("0.01875"), 10500)] * 3
+    rollup = UsageRollup.objects.get(granularity="hour", model=model)
+    assert (rollup.hits, rollup.cost_avoided, rollup.tokens_avoided) == (3, Decimal("0.05625"), 31500)
+    assert report_json()["totals"]["cost_avoided"] == "0.056250"
+    assert f"{metric:.6f}" == "0.056250"
+
+
+def test_trust_16_without_a_cached_price_cached_tokens_cost_the_input_price(policy_factory, settings):
+    metric = hit_three_times(policy_factory, settings, "gpt-no-cached-price", CACHED_USAGE["openai"],
+                             input_per_1k=Decimal("0.0025"), output_per_1k=Decimal("0.01"))
+    # (10,000 x 0.0025 + 500 x 0.01) / 1,000 = 0.03 per hit.
+    assert set(UsageRecord.objects.filter(result="hit").values_list("cost_avoided", flat=True)) == {Decimal("0.03")}
+    assert UsageRollup.objects.get(granularity="day").cost_avoided == Decimal("0.09")
+    assert f"{metric:.6f}" == "0.090000"
