@@ -22,14 +22,24 @@ async def _raw(pool, args: Sequence) -> Any:
         await pool.release(conn)
 
 
+async def _client(kind: str = "main") -> Any:
+    """The loop's client. A cluster client maps its slots before any command is sent:
+    when concurrent first commands make redis-py's asyncio RedisCluster initialise itself,
+    some of them fail with ConnectionError. ``initialize()`` is a no-op once done (and
+    maps again after a node failed)."""
+    client = connection.async_client(kind)
+    if connection.cluster_mode():
+        await client.initialize()
+    return client
+
+
 async def _evalsha(script: Script, keys: Sequence[str], args: Sequence) -> Any:
-    client = connection.async_client()
+    client = await _client()
     if connection.cluster_mode():
         try:
             return await client.evalsha(script.sha, len(keys), *keys, *args)
-        except _NOSCRIPT:
-            await client.script_load(script.source)
-            return await client.evalsha(script.sha, len(keys), *keys, *args)
+        except _NOSCRIPT:  # see store._evalsha
+            return await client.eval(script.source, len(keys), *keys, *args)
     pool = client.connection_pool
     try:
         return await _raw(pool, ("EVALSHA", script.sha, len(keys), *keys, *args))
@@ -66,26 +76,29 @@ async def run_each(commands: Sequence[tuple[Script, Sequence[str], Sequence]]) -
         return []
 
     async def pipelined():
-        client = connection.async_client("bulk")
+        client = await _client("bulk")
         replies = await _pipeline(client, commands)
-        if any(isinstance(r, _NOSCRIPT) for r in replies):
-            for script in {c[0] for c in commands}:
-                await client.script_load(script.source)
-            replies = await _pipeline(client, commands)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, _NOSCRIPT)]
+        if missing:  # see store.run_each
+            retried = await _pipeline(client, [commands[i] for i in missing], load=True)
+            for i, reply in zip(missing, retried, strict=True):
+                replies[i] = reply
         return replies
 
     return await guarded(pipelined)
 
 
-async def _pipeline(client, commands) -> list[Any]:
+async def _pipeline(client, commands, load: bool = False) -> list[Any]:
+    """See store._pipeline."""
     pipe = client.pipeline(transaction=False)
     for script, keys, args in commands:
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        pipe.execute_command("EVAL" if load else "EVALSHA", script.source if load else script.sha, len(keys),
+                             *keys, *args)
     return await pipe.execute(raise_on_error=False)
 
 
 async def wait_flight(key: str, after: str, block_ms: int, shard: int | None = None) -> list[tuple[str, dict]]:
     async def read():
-        return await connection.async_client("bulk").xread({key: after}, count=1000, block=block_ms)
+        return await (await _client("bulk")).xread({key: after}, count=1000, block=block_ms)
 
     return _flight_entries(await guarded(read, shard=shard))

@@ -65,8 +65,10 @@ def _evalsha(script: Script, keys: Sequence[str], args: Sequence) -> Any:
         try:
             return client.evalsha(script.sha, len(keys), *keys, *args)
         except _NOSCRIPT:
-            client.script_load(script.source)  # every master (a promoted replica has none)
-            return client.evalsha(script.sha, len(keys), *keys, *args)
+            # A promoted replica or a restarted master has no scripts. EVAL runs it on the
+            # slot's master and caches it there; SCRIPT LOAD would go to every master and
+            # fail while another one is down.
+            return client.eval(script.source, len(keys), *keys, *args)
     pool = client.connection_pool
     try:
         return _raw(pool, ("EVALSHA", script.sha, len(keys), *keys, *args))
@@ -110,19 +112,23 @@ def run_each(commands: Sequence[tuple[Script, Sequence[str], Sequence]]) -> list
     def pipelined():
         client = connection.client("bulk")
         replies = _pipeline(client, commands)
-        if any(isinstance(r, _NOSCRIPT) for r in replies):
-            for script in {c[0] for c in commands}:
-                client.script_load(script.source)
-            replies = _pipeline(client, commands)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, _NOSCRIPT)]
+        if missing:  # a master without the scripts (promoted, restarted): EVAL loads them there
+            for i, reply in zip(missing, _pipeline(client, [commands[i] for i in missing], load=True), strict=True):
+                replies[i] = reply
         return replies
 
     return guarded(pipelined)
 
 
-def _pipeline(client, commands) -> list[Any]:
+def _pipeline(client, commands, load: bool = False) -> list[Any]:
+    """One pipeline (on a cluster: one per master, in parallel). ``execute_command``, not
+    ``pipe.evalsha``: redis-py's cluster pipeline refuses the latter by name, yet routes an
+    EVALSHA or EVAL with keys by its first key's slot like any keyed command."""
     pipe = client.pipeline(transaction=False)
     for script, keys, args in commands:
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        pipe.execute_command("EVAL" if load else "EVALSHA", script.source if load else script.sha, len(keys),
+                             *keys, *args)
     return pipe.execute(raise_on_error=False)
 
 
