@@ -128,6 +128,10 @@ RAGCACHE = {
     "METRICS_ALLOWED_IPS": ["127.0.0.1", "::1"],
     "METRICS_BEARER_TOKEN": os.environ.get("RAGCACHE_METRICS_TOKEN") or None,
 }
+# A Redis Cluster seed node (e.g. redis://127.0.0.1:7000): when set, ragcache uses the
+# cluster instead of CACHES["ragcache"] (see docs/scaling.md).
+if os.environ.get("REDIS_CLUSTER_URL"):
+    RAGCACHE["REDIS_CLUSTER_URL"] = os.environ["REDIS_CLUSTER_URL"]
 # Optional aggregation tuning from the environment (also how tests configure worker subprocesses).
 if os.environ.get("RAGCACHE_AGGREGATION_LOCK_TIMEOUT"):
     RAGCACHE["AGGREGATION_LOCK_TIMEOUT"] = float(os.environ["RAGCACHE_AGGREGATION_LOCK_TIMEOUT"])
