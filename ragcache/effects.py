@@ -79,6 +79,16 @@ class Next:
         self.iterator = iterator
 
 
+class Close:
+    """Close an upstream iterator the flow stops reading early (``close()``, or ``aclose()``
+    for an async one), so that its connection is released at once."""
+
+    __slots__ = ("iterator",)
+
+    def __init__(self, iterator: Any) -> None:
+        self.iterator = iterator
+
+
 class Reload:
     """Load the policy snapshot from the database (the ORM: a thread in async code)."""
 
@@ -122,6 +132,71 @@ class ConsumerGone(Exception):
     """Thrown into a stream's flow when its consumer stops reading early."""
 
 
+# --- upstream iterators ------------------------------------------------------------------
+
+class _Closing:
+    """The iterator of a chunk source that is not its own iterator (e.g. the openai SDK's
+    ``Stream``): ``close()`` closes the iterator and the source, so that an upstream
+    connection is released even when no chunk was read yet."""
+
+    __slots__ = ("iterator", "source")
+
+    def __init__(self, source: Any, iterator: Any) -> None:
+        self.source, self.iterator = source, iterator
+
+    def __iter__(self) -> _Closing:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self.iterator)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.iterator, "close", None)
+            if close is not None:
+                close()
+        finally:
+            close = getattr(self.source, "close", None)
+            if close is not None:
+                close()
+
+
+class _AClosing:
+    """``_Closing`` for an async source (e.g. the SDK's ``AsyncStream``)."""
+
+    __slots__ = ("iterator", "source")
+
+    def __init__(self, source: Any, iterator: Any) -> None:
+        self.source, self.iterator = source, iterator
+
+    def __aiter__(self) -> _AClosing:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self.iterator.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            close = getattr(self.iterator, "aclose", None)
+            if close is not None:
+                await close()
+        finally:
+            close = getattr(self.source, "close", None) or getattr(self.source, "aclose", None)
+            result = close() if close is not None else None
+            if inspect.isawaitable(result):
+                await result
+
+
+def _iterator(source: Any) -> Any:
+    iterator = iter(source)
+    return iterator if iterator is source else _Closing(source, iterator)
+
+
+def _aiterator(source: Any) -> Any:
+    iterator = source.__aiter__()
+    return iterator if iterator is source else _AClosing(source, iterator)
+
+
 # --- sync --------------------------------------------------------------------------------
 
 def _execute(effect: Any) -> Any:
@@ -136,7 +211,7 @@ def _execute(effect: Any) -> Any:
 
                 raise InvalidRequestError(
                     "call() must return an iterator of chunks; for an async iterator use aget_or_stream.")
-            return iter(result)
+            return _iterator(result)
         if inspect.isawaitable(result):
             from .exceptions import InvalidRequestError
 
@@ -154,6 +229,11 @@ def _execute(effect: Any) -> Any:
         return None
     if kind is RunEach:
         return store.run_each(effect.commands)
+    if kind is Close:
+        close = getattr(effect.iterator, "close", None)
+        if close is not None:
+            close()
+        return None
     if kind is Reload:
         from .policies import registry
 
@@ -207,9 +287,9 @@ async def _aexecute(effect: Any) -> Any:
         result = await _call(effect.fn)
         if effect.stream:
             if hasattr(result, "__aiter__"):
-                return result.__aiter__()
+                return _aiterator(result)
             if hasattr(result, "__iter__"):
-                return iter(result)
+                return _iterator(result)
             from .exceptions import InvalidRequestError
 
             raise InvalidRequestError("call() must return an iterator or an async iterator of chunks.")
@@ -229,6 +309,13 @@ async def _aexecute(effect: Any) -> Any:
         return None
     if kind is RunEach:
         return await astore.run_each(effect.commands)
+    if kind is Close:
+        iterator = effect.iterator
+        if hasattr(iterator, "aclose"):
+            await iterator.aclose()
+        elif hasattr(iterator, "close"):
+            await sync_to_async(iterator.close, thread_sensitive=False)()
+        return None
     if kind is Reload:
         from .policies import registry
 

@@ -33,7 +33,7 @@ import orjson
 from . import metrics
 from .conf import get_config
 from .connection import RedisUnavailable
-from .effects import END, RELOAD, Begin, Call, ConsumerGone, Emit, Next, Run, RunEach, Sleep, WaitFlight
+from .effects import END, RELOAD, Begin, Call, Close, ConsumerGone, Emit, Next, Run, RunEach, Sleep, WaitFlight
 from .entries import (
     KIND_RESPONSE,
     KIND_STREAM,
@@ -667,21 +667,43 @@ def get_or_stream(request: Request, call: Callable[[], Any]):
         yield Begin(_info(found, "shared"))
         yield from _follow_stream(request, found, call)
         return
+    started = time.perf_counter()
     try:
         iterator = yield Call(call, stream=True)
     except BaseException:
         yield from _release(found.plan, found.token, "failed")
         raise
-    yield Begin(_info(found, _outcome(found)))
-    yield from _pass_through(request, found.plan, iterator, found.token, found.stamps, _may_store(found))
+    may_store = _may_store(found)
+    try:
+        yield Begin(_info(found, _outcome(found)))
+    except ConsumerGone:  # closed before its first chunk: release the lock and the upstream now
+        yield from _consumer_gone(found.plan, found.token, iterator, may_store)
+        return
+    yield from _pass_through(request, found.plan, iterator, found.token, found.stamps, may_store, started)
 
 
-def _pass_through(request: Request, plan: Plan, iterator: Any, token: str, stamps: str, may_store: bool):
+def _close(iterator: Any):
+    """Close an upstream iterator left unfinished; a failure to close is not the caller's."""
+    try:
+        yield Close(iterator)
+    except Exception:  # noqa: BLE001 - e.g. a generator still running in a cancelled worker thread
+        pass
+
+
+def _consumer_gone(plan: Plan, token: str, iterator: Any, may_store: bool):
+    if may_store:
+        record_store(plan, "refused", reason="incomplete")
+    yield from _release(plan, token, "failed", "refused" if may_store else "", "incomplete")
+    yield from _close(iterator)
+
+
+def _pass_through(request: Request, plan: Plan, iterator: Any, token: str, stamps: str, may_store: bool,
+                  started: float):
     """Hand each chunk on as it arrives, record it, and (as leader) publish it to the
-    followers; store the recording if the stream completed and admission accepts it."""
+    followers; store the recording if the stream completed and admission accepts it.
+    ``started``: when the upstream call began (the latency a hit will avoid)."""
     policy = plan.policy
     recorder = StreamRecorder(policy.max_entry_bytes if policy else 0)
-    started = time.perf_counter()
     key = plan.key
     lock_ms, flight_ttl = _lock_ms(), _flight_ttl_ms()
     publishing = bool(token)
@@ -691,6 +713,7 @@ def _pass_through(request: Request, plan: Plan, iterator: Any, token: str, stamp
             chunk = yield Next(iterator)
         except BaseException:
             yield from _release(plan, token, "failed", refused, "upstream_error")
+            yield from _close(iterator)
             raise
         if chunk is END:
             break
@@ -698,8 +721,7 @@ def _pass_through(request: Request, plan: Plan, iterator: Any, token: str, stamp
         try:
             yield Emit(chunk)
         except ConsumerGone:
-            record_store(plan, "refused", reason="incomplete") if may_store else None
-            yield from _release(plan, token, "failed", refused, "incomplete")
+            yield from _consumer_gone(plan, token, iterator, may_store)
             return
         if publishing and data:
             try:
@@ -722,7 +744,7 @@ def _follow_stream(request: Request, found: Lookup, call: Callable[[], Any]):
     idle = float(get_config()["LOCK_WAIT"])
     deadline = time.monotonic() + idle
     after, handed = "0-0", 0
-    recorder = StreamRecorder(1 << 62)  # only its usage and finish reason are needed
+    recorder = StreamRecorder(0)  # only its usage and finish reason are needed: keeps no chunk
     status = None
     while status is None:
         remaining = deadline - time.monotonic()
@@ -755,8 +777,9 @@ def _follow_stream(request: Request, found: Lookup, call: Callable[[], Any]):
     if handed:
         raise StreamInterrupted("the identical stream this one was sharing broke off after its first chunks were "
                                 "delivered; it cannot be resumed")
+    started = time.perf_counter()
     iterator = yield Call(call, stream=True)
-    yield from _pass_through(request, plan, iterator, "", "", plan.policy.mode in ("on", "shadow"))
+    yield from _pass_through(request, plan, iterator, "", "", plan.policy.mode in ("on", "shadow"), started)
 
 
 def _record_shared(request: Request, plan: Plan, recorder: StreamRecorder):
