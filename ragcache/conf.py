@@ -47,6 +47,9 @@ DEFAULTS: dict[str, Any] = {
     "BULK_SOCKET_TIMEOUT": 10.0,
     # How many recent lookups per policy feed the hit rate in the step 68 log line.
     "HIT_RATE_WINDOW": 1000,
+    # Step log lines are handed to a daemon thread that formats and writes them, so a hit
+    # pays a queue append instead of the formatting (see steplog.py). False: inline.
+    "STEP_LOG_QUEUE": True,
     # /metrics and /ragcache/health access: client IPs allowed, or a bearer token.
     "METRICS_ALLOWED_IPS": ["127.0.0.1", "::1"],
     "METRICS_BEARER_TOKEN": None,

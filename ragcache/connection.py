@@ -244,7 +244,8 @@ def _make_async(kind: str) -> Any:
         connection_class = redis.asyncio.SSLConnection
     else:
         connection_class = redis.asyncio.Connection
-    return redis.asyncio.Redis(connection_pool=redis.asyncio.ConnectionPool(connection_class=connection_class, **kwargs))
+    pool = redis.asyncio.ConnectionPool(connection_class=connection_class, **kwargs)
+    return redis.asyncio.Redis(connection_pool=pool)
 
 
 def async_client(kind: str = "main") -> Any:

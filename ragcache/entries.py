@@ -83,7 +83,7 @@ class Answer:
     cost: Decimal | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CachedResponse:
     """A cached answer. ``response`` has the shape it was stored with: a ``str``, a dict,
     or (``kind == "stream"``) the list of recorded chunks. ``cost`` is in the currency of
@@ -97,8 +97,8 @@ class CachedResponse:
     completion_tokens: int
     cost: Decimal | None
     latency_ms: float | None
-    created_at: datetime
-    expires_at: datetime
+    created: float  # Unix time (seconds) when it was stored
+    expires: float  # Unix time (seconds) when it expires
     key: str
     cached_prompt_tokens: int = 0
     usage_known: bool = True
@@ -110,8 +110,17 @@ class CachedResponse:
         return self.prompt_tokens + self.cached_prompt_tokens + self.completion_tokens
 
     @property
+    def created_at(self) -> datetime:
+        return datetime.fromtimestamp(self.created, UTC)
+
+    @property
+    def expires_at(self) -> datetime:
+        return datetime.fromtimestamp(self.expires, UTC)
+
+    @property
     def age_seconds(self) -> float:
-        return max(0.0, time.time() - self.created_at.timestamp())
+        """How long ago it was stored (the HTTP ``Age`` of a hit)."""
+        return max(0.0, time.time() - self.created)
 
 
 # --- reading responses -----------------------------------------------------------------
@@ -124,6 +133,8 @@ def _as_json(value: Any) -> Any:
             return dump(mode="json", exclude_unset=True)
         except TypeError:  # a model_dump() of another shape
             return dump()
+    if isinstance(value, Mapping) and not isinstance(value, dict):
+        return dict(value)
     return value
 
 
@@ -138,7 +149,7 @@ def _finite(value: Any) -> bool:
     return True
 
 
-def _token_count(usage: Mapping, name: str) -> int | None:
+def _token_count(usage: dict, name: str) -> int | None:
     value = usage.get(name)
     if value is None:
         return None
@@ -156,12 +167,12 @@ def usage_from(usage: Any) -> Usage:
     and ``cache_creation_input_tokens``, ``output_tokens``) and DeepSeek
     (``prompt_cache_hit_tokens``). Raises ``Refused("invalid_usage")`` for negative,
     fractional, absurd or contradictory counts."""
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, dict):
         return Usage()
     prompt = _token_count(usage, "prompt_tokens")
     completion = _token_count(usage, "completion_tokens")
     details = usage.get("prompt_tokens_details")
-    cached = _token_count(details, "cached_tokens") if isinstance(details, Mapping) else None
+    cached = _token_count(details, "cached_tokens") if isinstance(details, dict) else None
     if cached is None:
         cached = _token_count(usage, "prompt_cache_hit_tokens")
     if prompt is not None:  # OpenAI-style: prompt_tokens includes the cached ones
@@ -195,7 +206,7 @@ def cost_from(value: Any) -> Decimal | None:
 
 def _message_answered(message: Any) -> bool:
     """A choice's message carries an answer: text, tool calls, a function call or audio."""
-    if not isinstance(message, Mapping):
+    if not isinstance(message, dict):
         return False
     content = message.get("content")
     if isinstance(content, str) and content.strip():
@@ -232,16 +243,16 @@ def extract(response: Any) -> Answer:
     choices = response.get("choices")
     if isinstance(choices, list) and choices:
         for choice in choices:
-            if not isinstance(choice, Mapping):
+            if not isinstance(choice, dict):
                 raise Refused("unsupported", "choices must be a list of dicts")
             _check_finish(choice.get("finish_reason"))
             message = choice.get("message")
-            if isinstance(message, Mapping) and message.get("refusal"):
+            if isinstance(message, dict) and message.get("refusal"):
                 raise Refused("refusal", "the model refused")
             if not _message_answered(message) and not (isinstance(choice.get("text"), str) and choice["text"].strip()):
                 raise Refused("empty", "a choice has no content, tool call or text")
         first = choices[0]
-        message = first.get("message") if isinstance(first.get("message"), Mapping) else {}
+        message = first.get("message") if isinstance(first.get("message"), dict) else {}
         content = message.get("content") if isinstance(message.get("content"), str) else first.get("text")
         finish_reason = first.get("finish_reason", finish_reason)
     elif isinstance(response.get("content"), str):
@@ -249,8 +260,8 @@ def extract(response: Any) -> Answer:
         if not content.strip():
             raise Refused("empty", "empty answer")
     elif isinstance(response.get("content"), list):  # Anthropic: content blocks
-        texts = [b.get("text") for b in response["content"] if isinstance(b, Mapping) and b.get("type") == "text"]
-        answered = [b for b in response["content"] if isinstance(b, Mapping) and b.get("type") in ("text", "tool_use")]
+        texts = [b.get("text") for b in response["content"] if isinstance(b, dict) and b.get("type") == "text"]
+        answered = [b for b in response["content"] if isinstance(b, dict) and b.get("type") in ("text", "tool_use")]
         if not answered or not any((t or "").strip() for t in texts) and not any(
                 b.get("type") == "tool_use" for b in answered):
             raise Refused("empty", "no text or tool use in content")
@@ -300,7 +311,8 @@ def encode(
 
 
 def make_meta(*, kind: str, model: str, finish_reason: str | None, usage: Usage, cost: Decimal | None,
-              latency_ms: float | None, created: float, expires: float, compressed: bool = False, size: int = 0) -> bytes:
+              latency_ms: float | None, created: float, expires: float, compressed: bool = False,
+              size: int = 0) -> bytes:
     """An entry's metadata JSON (``v`` first: the lookup script checks the prefix)."""
     return orjson.dumps({
         "v": KEY_SCHEMA_VERSION,
@@ -336,7 +348,7 @@ def _number_field(meta: dict, name: str, low: float, high: float, *, optional: b
     return float(value)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Meta:
     """An entry's validated metadata (also the ``e`` field of hit and store events)."""
 
@@ -399,6 +411,25 @@ def _load_body(meta: Meta, body: bytes) -> Any:
     return orjson.loads(body)
 
 
+def _stored_content(value: Any) -> str | None:
+    """The text of a stored response, checking its shape (admission ran when it was stored)."""
+    if type(value) is str:
+        if value:
+            return value
+    elif type(value) is dict:
+        choices = value.get("choices")
+        if type(choices) is list and choices and type(choices[0]) is dict:
+            message = choices[0].get("message")
+            content = message.get("content") if type(message) is dict else choices[0].get("text")
+            return content if isinstance(content, str) else None
+        content = value.get("content")
+        if isinstance(content, str) and content:
+            return content
+        if isinstance(content, list) and content:  # Anthropic content blocks
+            return "".join(b["text"] for b in content if type(b) is dict and isinstance(b.get("text"), str)) or None
+    raise CorruptEntry("the stored body is not a response")
+
+
 def decode(meta_bytes: bytes, body: bytes, key: str) -> CachedResponse:
     """A ``CachedResponse`` from an entry's fields; raises ``CorruptEntry``."""
     meta = parse_meta(meta_bytes)
@@ -409,7 +440,7 @@ def decode(meta_bytes: bytes, body: bytes, key: str) -> CachedResponse:
                 raise CorruptEntry("a stream entry holds no chunks")
             content = None
         else:
-            content = extract(value).content
+            content = _stored_content(value)
         return CachedResponse(
             response=value,
             content=content,
@@ -419,8 +450,8 @@ def decode(meta_bytes: bytes, body: bytes, key: str) -> CachedResponse:
             completion_tokens=meta.usage.completion_tokens,
             cost=meta.cost,
             latency_ms=meta.latency_ms,
-            created_at=datetime.fromtimestamp(meta.created_at, UTC),
-            expires_at=datetime.fromtimestamp(meta.expires_at, UTC),
+            created=meta.created_at,
+            expires=meta.expires_at,
             key=key,
             cached_prompt_tokens=meta.usage.cached_prompt_tokens,
             usage_known=meta.usage.known,
@@ -482,7 +513,7 @@ class StreamRecorder:
             self.text = True
             self.answered = self.answered or bool(value.strip())
             return
-        if not isinstance(value, Mapping):
+        if not isinstance(value, dict):
             return
         if value.get("error"):
             self.error = True
@@ -494,14 +525,14 @@ class StreamRecorder:
             except Refused as refusal:
                 self.refused = refusal
         for choice in value.get("choices") or ():
-            if not isinstance(choice, Mapping):
+            if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta")
-            if isinstance(delta, Mapping) and any(
+            if isinstance(delta, dict) and any(
                 delta.get(name) for name in ("content", "tool_calls", "function_call", "reasoning_content",
                                              "reasoning", "audio")):
                 self.answered = True
-            if isinstance(delta, Mapping) and delta.get("refusal"):
+            if isinstance(delta, dict) and delta.get("refusal"):
                 self.refused = self.refused or Refused("refusal", "the model refused")
             reason = choice.get("finish_reason")
             if isinstance(reason, str):

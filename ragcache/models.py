@@ -185,7 +185,8 @@ class CachePolicy(models.Model):
         help_text="Pause between the chunks of a replayed stream; 0 replays at once.",
     )
     generation = models.PositiveBigIntegerField(
-        default=0, editable=False, help_text="Part of every key; a purge moves it forward, so old entries are unreachable."
+        default=0, editable=False,
+        help_text="Part of every key; a purge moves it forward, so old entries are unreachable.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -308,7 +309,8 @@ class GatewayKey(models.Model):
 
     name = models.SlugField(max_length=64, unique=True, help_text="Shown in usage tables (not a metric label).")
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
-    key_prefix = models.CharField(max_length=16, editable=False, help_text="The key's first characters, to recognise it.")
+    key_prefix = models.CharField(max_length=16, editable=False,
+                                  help_text="The key's first characters, to recognise it.")
     scope = models.CharField(
         max_length=128, blank=True,
         help_text="Scope id of every request made with this key (a tenant or user id). Empty: global entries.",
@@ -349,7 +351,8 @@ class GatewayKey(models.Model):
         controls = self.allowed_cache_controls
         valid = {c.value for c in CacheControl}
         if not isinstance(controls, list) or any(c not in valid for c in controls):
-            raise ValidationError({"allowed_cache_controls": f"Enter a JSON list drawn from: {', '.join(sorted(valid))}."})
+            raise ValidationError(
+                {"allowed_cache_controls": f"Enter a JSON list drawn from: {', '.join(sorted(valid))}."})
         if self.policies is None:
             self.policies = []
 
@@ -379,7 +382,8 @@ class UsageRecord(models.Model):
     reason = models.CharField(max_length=32, blank=True)
     gateway_key = models.CharField(max_length=64, blank=True)
     tokens_avoided = models.PositiveBigIntegerField(default=0)
-    usage_known = models.BooleanField(default=True, help_text="False: a hit on an answer whose usage was never reported.")
+    usage_known = models.BooleanField(
+        default=True, help_text="False: a hit on an answer whose usage was never reported.")
     cost_avoided = models.DecimalField(max_digits=28, decimal_places=12, default=Decimal(0))
     latency_avoided_ms = models.FloatField(default=0)
 

@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import partial
 
 from . import metrics
 from .steplog import log_step
@@ -36,7 +37,7 @@ def parse_header(header: str) -> tuple[str, str, str, str, str]:
     return parts[0], parts[1], parts[2], parts[3], parts[4]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UsageEvent:
     """One thing that happened to one request.
 
@@ -81,9 +82,9 @@ class UsageTracker:
             if event.cost_avoided:
                 metrics.child(metrics.COST_AVOIDED, event.policy, model).inc(float(event.cost_avoided))
             if step_logger.isEnabledFor(logging.INFO):
-                log_step(63, self._attrs(event))
+                log_step(63, partial(self._attrs, event))
         elif step_logger.isEnabledFor(logging.DEBUG):
-            log_step(63, self._attrs(event), level=logging.DEBUG)
+            log_step(63, partial(self._attrs, event), level=logging.DEBUG)
         if written:
             return True
         return self._append(event)

@@ -36,7 +36,8 @@ TEST_SOCKET_TIMEOUT = 2.0
 def ragcache_prefix(settings):
     """A fresh key prefix per test; its keys are removed afterwards."""
     prefix = f"rctest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    settings.RAGCACHE = {**settings.RAGCACHE, "KEY_PREFIX": prefix}
+    # Step lines inline, so caplog sees them at once (tests/test_steplog_queue.py covers the queue).
+    settings.RAGCACHE = {**settings.RAGCACHE, "KEY_PREFIX": prefix, "STEP_LOG_QUEUE": False}
     alias = settings.RAGCACHE.get("CACHE_ALIAS", "ragcache")
     caches = {**settings.CACHES}
     caches[alias] = {**caches[alias], "OPTIONS": {**caches[alias].get("OPTIONS", {}),
