@@ -464,15 +464,18 @@ def _deltas(choice: Choice) -> Iterator[dict]:
         yield {"refusal": piece} if choice.kind == "refusal" else {"content": piece}
 
 
-def events(plan: Plan, completion_id: str, created: int) -> Iterator[tuple[bool, bytes]]:
-    """The SSE events of a stream, as (is a chunk, bytes), without pauses."""
+COMMENT, CHUNK, ERROR, DONE = "comment", "chunk", "error", "done"
+
+
+def events(plan: Plan, completion_id: str, created: int) -> Iterator[tuple[str, bytes]]:
+    """The SSE events of a stream, as (COMMENT | CHUNK | ERROR | DONE, bytes), without pauses."""
     made = choices(plan)
     head: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                             "model": plan.model, "service_tier": "default", "system_fingerprint": SYSTEM_FINGERPRINT}
     failure = plan.failure()
-    yield False, b": keep-alive\n\n"
+    yield COMMENT, b": keep-alive\n\n"
     if failure == "error-first":
-        yield False, _event({"error": {"message": "The server had an error while processing your request.",
+        yield ERROR, _event({"error": {"message": "The server had an error while processing your request.",
                                        "type": "server_error", "param": None, "code": None}})
         return
     streams = [iter(_deltas(choice)) for choice in made]
@@ -488,11 +491,11 @@ def events(plan: Plan, completion_id: str, created: int) -> Iterator[tuple[bool,
             if plan.include_usage:
                 chunk["usage"] = None
             if plan.has("keepalive"):
-                yield False, b": keep-alive\n\n"
-            yield True, _event(chunk)
+                yield COMMENT, b": keep-alive\n\n"
+            yield CHUNK, _event(chunk)
             sent += 1
             if sent == 3 and failure == "error":
-                yield False, _event({"error": {"message": "The model produced invalid content mid-stream.",
+                yield ERROR, _event({"error": {"message": "The model produced invalid content mid-stream.",
                                                "type": "server_error", "param": None, "code": "stream_error"}})
                 return
             if sent == 3 and failure == "disconnect":
@@ -502,23 +505,23 @@ def events(plan: Plan, completion_id: str, created: int) -> Iterator[tuple[bool,
                                       "finish_reason": choice.finish_reason}]}
         if plan.include_usage:
             chunk["usage"] = None
-        yield True, _event(chunk)
+        yield CHUNK, _event(chunk)
     found = usage(plan, made)
     if plan.include_usage and found is not None:
-        yield True, _event({**head, "choices": [], "usage": found})
-    yield False, b"data: [DONE]\n\n"
+        yield CHUNK, _event({**head, "choices": [], "usage": found})
+    yield DONE, b"data: [DONE]\n\n"
 
 
 def _stream_sync(plan: Plan, call: FakeCall, completion_id: str, created: int) -> Iterator[bytes]:
     try:
         first = True
-        for is_chunk, data in events(plan, completion_id, created):
-            if is_chunk:
+        for kind, data in events(plan, completion_id, created):
+            if kind in (CHUNK, ERROR):  # the model's output: paced like tokens
                 pause = plan.first_ms if first else plan.delay_ms
                 first = False
                 if pause:
                     time.sleep(pause / 1000)
-                call.chunks_sent += 1
+                call.chunks_sent += kind == CHUNK
             yield data
         call.status = "completed"
     finally:
@@ -529,12 +532,12 @@ def _stream_sync(plan: Plan, call: FakeCall, completion_id: str, created: int) -
 async def _stream_async(plan: Plan, call: FakeCall, completion_id: str, created: int) -> AsyncIterator[bytes]:
     try:
         first = True
-        for is_chunk, data in events(plan, completion_id, created):
-            if is_chunk:
+        for kind, data in events(plan, completion_id, created):
+            if kind in (CHUNK, ERROR):
                 pause = plan.first_ms if first else plan.delay_ms
                 first = False
                 await asyncio.sleep(pause / 1000)
-                call.chunks_sent += 1
+                call.chunks_sent += kind == CHUNK
             yield data
         call.status = "completed"
     finally:
