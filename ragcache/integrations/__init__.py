@@ -1,0 +1,1 @@
+"""Integrations of ragcache with LLM client libraries (optional extras: ragcache[openai], ragcache[langchain])."""
