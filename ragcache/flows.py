@@ -42,6 +42,7 @@ from .entries import (
     CorruptEntry,
     Refused,
     StreamRecorder,
+    Usage,
     decode,
     encode,
     extract,
@@ -74,7 +75,7 @@ FLIGHT_BLOCK_MS = 1000  # one blocking read of a flight; below BULK_SOCKET_TIMEO
 
 # --- what the caller gets ------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CallResult:
     """What ``get_or_call`` returns. ``response`` has the shape ``call()`` returned (or was
     stored with). ``outcome``: hit, miss, bypass, refresh or error (Redis unavailable);
@@ -92,7 +93,7 @@ class CallResult:
     key_id: str = ""  # the short key: what logs, usage records and headers show
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StreamInfo:
     """Known before a stream's first chunk: a hit, or what else."""
 
@@ -182,7 +183,7 @@ def plan(request: Request, snapshot: Snapshot) -> Plan:
                             context_version=request.context_version, kind=request.kind)
     scope = scope_hash(policy.scope if policy else "global", request.scope)
     name = policy.name if policy else "unknown"
-    key = CacheKey(layout(get_config()["KEY_PREFIX"]), name, policy.generation if policy else 0, scope, digest)
+    key = CacheKey(tuning().layout, name, policy.generation if policy else 0, scope, digest)
     if step_logger.isEnabledFor(logging.DEBUG):
         log_step(61, {"policy": name, "cache_key": key.short}, logging.DEBUG)
     if not snapshot.available:
@@ -214,7 +215,9 @@ def _snapshot():
 
 
 def _plan(request: Request):
-    snapshot = yield from _snapshot()
+    snapshot = registry.fresh()
+    if snapshot is None:
+        snapshot = yield RELOAD
     result = plan(request, snapshot)
     if result.policy is None and result.bypass == "unknown_policy":
         logger.warning("ragcache: no cache policy named %r; calls bypass the cache", request.policy[:64])
@@ -233,20 +236,46 @@ def _replan(request: Request, version: int):
     return plan(request, snapshot)
 
 
+class Tuning:
+    """Figures derived from the settings that every call needs; rebuilt when they change."""
+
+    __slots__ = ("config", "layout", "stream_maxlen", "lock_ms", "stamp_ttl_ms", "flight_ttl_ms")
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+        self.layout = layout(config["KEY_PREFIX"])
+        self.stream_maxlen = max(1, int(config["STREAM_MAXLEN"]) // SHARDS)  # per shard
+        self.lock_ms = int(float(config["LOCK_TIMEOUT"]) * 1000)
+        self.stamp_ttl_ms = (int(config["MAX_TTL"]) + 3600) * 1000  # outlives any entry citing it
+        self.flight_ttl_ms = int((float(config["LOCK_WAIT"]) + 5) * 1000)
+
+
+_tuning: Tuning | None = None
+
+
+def tuning() -> Tuning:
+    global _tuning
+    config = get_config()
+    found = _tuning
+    if found is None or found.config is not config:
+        found = _tuning = Tuning(config)
+    return found
+
+
 def _stream_maxlen() -> int:
-    return max(1, int(get_config()["STREAM_MAXLEN"]) // SHARDS)
+    return tuning().stream_maxlen
 
 
 def _lock_ms() -> int:
-    return int(float(get_config()["LOCK_TIMEOUT"]) * 1000)
+    return tuning().lock_ms
 
 
 def _stamp_ttl_ms() -> int:
-    return (int(get_config()["MAX_TTL"]) + 3600) * 1000
+    return tuning().stamp_ttl_ms
 
 
 def _flight_ttl_ms() -> int:
-    return int((float(get_config()["LOCK_WAIT"]) + 5) * 1000)
+    return tuning().flight_ttl_ms
 
 
 def _waited_us(request: Request) -> int:
@@ -303,11 +332,11 @@ def record_lookup(request: Request, plan: Plan, result: str, reason: str = "", *
 def record_hit(request: Request, plan: Plan, cached: CachedResponse, waited_ms: float, reason: str = "") -> None:
     """Step 63 for a served hit (its event is already in the stream)."""
     cost = cached.cost
-    if cost is None and cached.usage_known:
-        from .entries import Usage
-
-        cost = plan.snapshot.cost(cached.model or request.model, Usage(
-            cached.prompt_tokens, cached.cached_prompt_tokens, cached.completion_tokens, True))
+    prices = plan.snapshot.prices
+    if cost is None and cached.usage_known and prices:
+        price = prices.get(cached.model or request.model) or prices.get(request.model)
+        if price is not None:
+            cost = price.cost(Usage(cached.prompt_tokens, cached.cached_prompt_tokens, cached.completion_tokens, True))
     usage_tracker.track(UsageEvent(
         policy=plan.policy_name, result="hit", model=request.model, scope_hash=plan.key.scope, key_hash=plan.key.short,
         reason=reason, tokens_avoided=cached.tokens if cached.usage_known else 0, cost_avoided=cost,
@@ -388,13 +417,14 @@ def lookup(request: Request, *, lock: bool = False):
         # Only "on" stores; read-only and shadow followers would only queue for nothing.
         token = _new_token() if lock and policy.mode == "on" and not request.no_store else ""
         snapshot = current.snapshot
-        layout_ = layout(get_config()["KEY_PREFIX"])
+        t = tuning()
         try:
-            reply = yield Run(LOOKUP, [key.entry, layout_.streams[key.shard], layout_.versions[key.shard], key.lock], [
+            keys_ = [key.entry, t.layout.streams[key.shard], t.layout.versions[key.shard], key.lock]
+            reply = yield Run(LOOKUP, keys_, [
                 snapshot.version, "1" if snapshot.tracking_enabled else "0", "shadow_hit" if shadow else "hit",
-                _lock_ms() if token else 0, token, _stream_maxlen(), current.header, _waited_us(request), META_PREFIX,
-                f"{key.base}:s:", current.sources, _new_stamp() if current.sources else "", _stamp_ttl_ms()],
-                key.shard)
+                t.lock_ms if token else 0, token, t.stream_maxlen, current.header, _waited_us(request), META_PREFIX,
+                t.layout.stamp_bases[key.shard], current.sources, _new_stamp() if current.sources else "",
+                t.stamp_ttl_ms], key.shard)
         except RedisUnavailable:
             if token:
                 _abandon(key, token)  # a timed-out script may still run on a stalled server
@@ -789,9 +819,8 @@ def _record_shared(request: Request, plan: Plan, recorder: StreamRecorder):
     now = time.time()
     meta = make_meta(kind=KIND_STREAM, model=request.model, finish_reason=recorder.finish_reason, usage=usage,
                      cost=recorder.cost, latency_ms=None, created=now, expires=now)
-    created = datetime.fromtimestamp(now, UTC)
     cached = CachedResponse(None, None, request.model, recorder.finish_reason, usage.prompt_tokens,
-                            usage.completion_tokens, recorder.cost, None, created, created, plan.key.entry,
+                            usage.completion_tokens, recorder.cost, None, now, now, plan.key.entry,
                             usage.cached_prompt_tokens, usage.known, "stream")
     record_lookup(request, plan, "hit", "shared_flight", cached=cached)
     yield from _event(plan, "r", "hit", "h", plan.header, "w", _waited_us(request), "e", meta, "x", "shared_flight")
@@ -806,6 +835,6 @@ def invalidate_sources(ids: Iterable[str]):
     if not sources:
         return 0
     hashes = [source_hash(s) for s in sources]
-    yield RunEach([(DELETE, [f"{base}:s:{h}" for h in hashes], []) for base in layout(get_config()["KEY_PREFIX"]).bases])
+    yield RunEach([(DELETE, [f"{base}:s:{h}" for h in hashes], []) for base in tuning().layout.bases])
     metrics.SOURCE_INVALIDATIONS.inc(len(sources))
     return len(sources)
