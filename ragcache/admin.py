@@ -49,11 +49,11 @@ class CachePolicyAdmin(admin.ModelAdmin):
         params = ", ".join(str(p) for p in raw) or "none"
         scope = "none (shared by all callers)" if obj.scope == "global" else f"the caller's {obj.scope} id (hashed)"
         return format_html(
-            "sha256 of canonical JSON of: every message (all roles, in order{}), the model, the params "
-            "<code>{}</code>, and context_version.<br>Isolation: {}. Generation {} is part of the key; "
-            "purging bumps it.",
-            "; normalised: NFKC, lower case, collapsed whitespace" if obj.normalize_query else "",
-            params, scope, obj.generation or 1,
+            "sha256 of canonical JSON of: every message (all roles, in order{}), the model, every request "
+            "parameter except <code>{}</code>, and context_version.<br>Isolation: {}. Generation {} is part "
+            "of the key; a purge moves it forward.",
+            "; normalised: NFKC, lower case, spaces collapsed inside lines" if obj.normalize_query else "",
+            params, scope, obj.generation or "(set when saved)",
         )
 
     @admin.action(description="Purge entries (bump generation)", permissions=["change"])
@@ -94,15 +94,21 @@ class CacheFlagsAdmin(admin.ModelAdmin):
 
 @admin.register(ModelPrice)
 class ModelPriceAdmin(admin.ModelAdmin):
-    list_display = ("model", "input_per_1k", "output_per_1k", "currency")
+    list_display = ("model", "input_per_1k", "cached_input_per_1k", "output_per_1k", "currency")
     search_fields = ("model",)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
+    """Usage records and rollups are written by the aggregation only: never added, edited
+    or deleted here (without delete permission Django offers no "Delete selected")."""
+
     def has_add_permission(self, request) -> bool:
         return False
 
     def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
         return False
 
 

@@ -1,14 +1,19 @@
 """The policy admin, driven through the Django test client as a logged-in superuser:
-validation shows form errors (never a 500), actions go through save() and are announced."""
+validation shows form errors (never a 500), actions go through save() and are announced,
+a generation never goes backwards through the admin's read-then-write, and usage rows are
+read-only (no "Delete selected")."""
 from __future__ import annotations
 
 import json
 
 import pytest
+from django.db.models.signals import pre_save
 from django.urls import reverse
+from django.utils import timezone
 
 from ragcache import store
-from ragcache.models import CacheFlags, CachePolicy
+from ragcache.models import CacheFlags, CachePolicy, UsageRecord, UsageRollup
+from ragcache.policies import registry
 from ragcache.services import cache_service
 
 ADD_URL = reverse("admin:ragcache_cachepolicy_add")
@@ -32,7 +37,7 @@ def form_data(**changes):
         "max_entry_bytes": "262144",
         "compress_threshold_bytes": "4096",
         "rollout_percent": "100",
-        "key_params": json.dumps(["temperature", "max_tokens"]),
+        "ignored_params": json.dumps(["user", "metadata"]),
         "normalize_query": "on",
     }
     data.update(changes)
@@ -45,7 +50,9 @@ def form_errors(response):
 
 
 def version(redis_client) -> int:
-    return int(redis_client.get(store.config_version_key()) or 0)
+    """The policy version every shard's copy holds (0 before any announcement)."""
+    (value,) = {int(v or 0) for v in redis_client.mget(store.current_layout().versions)}
+    return value
 
 
 def test_add_valid_policy(admin_client, redis_client, django_capture_on_commit_callbacks):
@@ -55,9 +62,9 @@ def test_add_valid_policy(admin_client, redis_client, django_capture_on_commit_c
     assert response.status_code == 302
     policy = CachePolicy.objects.get(name="faq")
     assert (policy.ttl_seconds, policy.normalize_query) == (3600, True)
-    assert policy.key_params == ["temperature", "max_tokens"]
-    assert policy.generation == 1
-    assert version(redis_client) == before + 1
+    assert policy.ignored_params == ["user", "metadata"]
+    assert policy.generation > CachePolicy.objects.get(name="default").generation
+    assert version(redis_client) > before
     # The new policy is usable at once, without any manual reload.
     assert cache_service.get_or_call("q", lambda: "x", model="m", policy="faq").hit is False
     assert cache_service.get_or_call("q", lambda: "y", model="m", policy="faq").hit is True
@@ -68,13 +75,14 @@ INVALID = {
     "ttl negative": ({"ttl_seconds": "-5"}, "ttl_seconds"),
     "ttl above max": ({"ttl_seconds": str(30 * 24 * 3600 + 1)}, "ttl_seconds"),
     "ttl not a number": ({"ttl_seconds": "a day"}, "ttl_seconds"),
-    "key_params a string": ({"key_params": json.dumps("temperature")}, "key_params"),
-    "key_params an object": ({"key_params": json.dumps({"temperature": True})}, "key_params"),
-    "key_params not JSON": ({"key_params": "[temperature"}, "key_params"),
-    "key_params bad name": ({"key_params": json.dumps(["Temperature"])}, "key_params"),
-    "key_params name with dash": ({"key_params": json.dumps(["max-tokens"])}, "key_params"),
-    "key_params non-string": ({"key_params": json.dumps([1])}, "key_params"),
-    "key_params duplicate": ({"key_params": json.dumps(["seed", "seed"])}, "key_params"),
+    "ignored_params a string": ({"ignored_params": json.dumps("user")}, "ignored_params"),
+    "ignored_params an object": ({"ignored_params": json.dumps({"user": True})}, "ignored_params"),
+    "ignored_params not JSON": ({"ignored_params": "[user"}, "ignored_params"),
+    "ignored_params name starting with a digit": ({"ignored_params": json.dumps(["9lives"])}, "ignored_params"),
+    "ignored_params name with a space": ({"ignored_params": json.dumps(["max tokens"])}, "ignored_params"),
+    "ignored_params non-string": ({"ignored_params": json.dumps([1])}, "ignored_params"),
+    "ignored_params duplicate": ({"ignored_params": json.dumps(["seed", "seed"])}, "ignored_params"),
+    "ignored_params nested too deeply": ({"ignored_params": "[" * 100_000 + "]" * 100_000}, "ignored_params"),
     "rollout above 100": ({"rollout_percent": "101"}, "rollout_percent"),
     "rollout negative": ({"rollout_percent": "-1"}, "rollout_percent"),
     "duplicate name": ({"name": "default"}, "name"),
@@ -96,10 +104,10 @@ def test_add_form_rejects_invalid_values(admin_client, changes, field):
 def test_validation_messages_are_clear(admin_client):
     errors = form_errors(admin_client.post(ADD_URL, form_data(ttl_seconds=str(10**8))))
     assert "At most 2592000 seconds (RAGCACHE['MAX_TTL'])." in errors["ttl_seconds"]
-    errors = form_errors(admin_client.post(ADD_URL, form_data(key_params=json.dumps(["seed", "seed"]))))
-    assert "'seed' is listed twice." in errors["key_params"]
-    errors = form_errors(admin_client.post(ADD_URL, form_data(key_params=json.dumps("seed"))))
-    assert "JSON list" in errors["key_params"][0]
+    errors = form_errors(admin_client.post(ADD_URL, form_data(ignored_params=json.dumps(["seed", "seed"]))))
+    assert "'seed' is listed twice." in errors["ignored_params"]
+    errors = form_errors(admin_client.post(ADD_URL, form_data(ignored_params=json.dumps("seed"))))
+    assert "JSON list" in errors["ignored_params"][0]
 
 
 def test_max_ttl_follows_the_setting(admin_client, settings):
@@ -108,19 +116,20 @@ def test_max_ttl_follows_the_setting(admin_client, settings):
     assert admin_client.post(ADD_URL, form_data(ttl_seconds="3600")).status_code == 302
 
 
-def test_empty_key_params_list_is_allowed(admin_client):
-    assert admin_client.post(ADD_URL, form_data(key_params="[]")).status_code == 302
-    assert CachePolicy.objects.get(name="faq").key_params == []
+def test_empty_ignored_params_list_is_allowed(admin_client):
+    assert admin_client.post(ADD_URL, form_data(ignored_params="[]")).status_code == 302
+    assert CachePolicy.objects.get(name="faq").ignored_params == []
 
 
 def test_change_form_renders_the_key_recipe(admin_client, policy_factory):
-    policy = policy_factory("faq", scope="user", key_params=["seed"], normalize_query=True)
+    policy = policy_factory("faq", scope="user", ignored_params=["seed"], normalize_query=True)
     response = admin_client.get(reverse("admin:ragcache_cachepolicy_change", args=[policy.pk]))
     assert response.status_code == 200
     body = response.content.decode()
     assert "key recipe" in body.lower()
-    assert "<code>seed</code>" in body and "the caller&#x27;s user id (hashed)" in body
-    assert "normalised" in body
+    assert "every request parameter except <code>seed</code>" in body
+    assert "the caller&#x27;s user id (hashed)" in body
+    assert "normalised" in body and f"Generation {policy.generation} is part of the key" in body
 
 
 def test_change_form_rejects_invalid_edit(admin_client, policy_factory):
@@ -134,10 +143,11 @@ def test_change_form_rejects_invalid_edit(admin_client, policy_factory):
 
 def test_generation_is_not_editable(admin_client, policy_factory):
     policy = policy_factory("faq")
+    generation = policy.generation
     url = reverse("admin:ragcache_cachepolicy_change", args=[policy.pk])
     assert admin_client.post(url, form_data(generation="99")).status_code == 302
     policy.refresh_from_db()
-    assert policy.generation == 1
+    assert policy.generation == generation
 
 
 def test_changelist_renders_with_list_editable(admin_client, policy_factory):
@@ -200,9 +210,10 @@ def test_purge_action_bumps_generation(admin_client, policy_factory, redis_clien
     with django_capture_on_commit_callbacks(execute=True):
         response = _action(admin_client, "purge_entries", [faq])
     assert response.status_code == 302
+    generations = (faq.generation, other.generation)
     faq.refresh_from_db()
     other.refresh_from_db()
-    assert (faq.generation, other.generation) == (2, 1)
+    assert faq.generation > generations[0] and other.generation == generations[1]
     assert version(redis_client) > before  # went through save(), so every process is told
     assert cache_service.get_cached_response("q", model="m", policy="faq") is None
     assert cache_service.get_cached_response("q", model="m", policy="other") is not None
@@ -221,7 +232,7 @@ def test_enable_disable_actions(admin_client, policy_factory, redis_client, djan
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
         assert _action(admin_client, action, [a, b]).status_code == 302
     assert len(callbacks) == 2  # one save() per policy
-    assert version(redis_client) == before + 2
+    assert version(redis_client) > before
     assert [p.enabled for p in CachePolicy.objects.filter(name__in="abc").order_by("name")] == [end, end, start]
     untouched.refresh_from_db()
     assert untouched.enabled is start
@@ -243,3 +254,91 @@ def test_flags_admin_kill_switch(admin_client, redis_client, django_capture_on_c
 def test_admin_pages_require_login(client):
     response = client.get(CHANGELIST_URL)
     assert response.status_code == 302 and "/login/" in response["Location"]
+
+
+# --- Trust (issue 10), item 2: no read-then-write of an old generation through the admin ---------
+
+@pytest.fixture
+def purge_while_the_admin_saves():
+    """Another request purges the policy after the admin loaded it and before it writes it
+    back: a pre_save receiver runs the purge at exactly that point of the admin's save."""
+    purged: list[int] = []
+
+    def purge_now(sender, instance, **kwargs):
+        if instance.pk and instance.name == "faq" and not purged:
+            purged.append(CachePolicy.objects.get(pk=instance.pk).purge())
+
+    pre_save.connect(purge_now, sender=CachePolicy, dispatch_uid="test-purge-while-the-admin-saves")
+    yield purged
+    pre_save.disconnect(sender=CachePolicy, dispatch_uid="test-purge-while-the-admin-saves")
+
+
+def test_trust_2a_the_change_view_never_writes_back_a_generation_it_read(admin_client, policy_factory,
+                                                                        purge_while_the_admin_saves):
+    policy = policy_factory("faq", ttl_seconds=60)
+    loaded = policy.generation
+    assert cache_service.cache_response("q", "pre-purge answer", model="m", policy="faq")
+    url = reverse("admin:ragcache_cachepolicy_change", args=[policy.pk])
+    assert admin_client.post(url, form_data(ttl_seconds="120")).status_code == 302
+    (purged,) = purge_while_the_admin_saves
+    row = CachePolicy.objects.get(pk=policy.pk)
+    assert (row.generation, row.ttl_seconds) == (purged, 120) and purged > loaded
+    registry.invalidate()
+    assert cache_service.get_cached_response("q", model="m", policy="faq") is None
+
+
+def test_trust_2a_list_editable_never_writes_back_a_generation_it_read(admin_client, policy_factory,
+                                                                      purge_while_the_admin_saves):
+    policy_factory("faq", ttl_seconds=60)
+    assert cache_service.cache_response("q", "pre-purge answer", model="m", policy="faq")
+    policies = list(CachePolicy.objects.order_by("name"))
+    loaded = {p.name: p.generation for p in policies}
+    response = admin_client.post(CHANGELIST_URL, _changelist_edit(policies, faq={"ttl_seconds": "90"}))
+    assert response.status_code == 302
+    (purged,) = purge_while_the_admin_saves
+    after = {p.name: p.generation for p in CachePolicy.objects.all()}
+    assert after == {**loaded, "faq": purged} and purged > loaded["faq"]
+    assert CachePolicy.objects.get(name="faq").ttl_seconds == 90
+    registry.invalidate()
+    assert cache_service.get_cached_response("q", model="m", policy="faq") is None
+
+
+def test_trust_2b_default_deleted_and_added_again_in_the_admin_starts_above_its_old_generation(
+        admin_client, policy_factory):
+    default = policy_factory("default")
+    old = default.generation
+    for i in range(11):
+        assert cache_service.cache_response(f"question {i}", "pre-purge answer", model="m")
+    delete_url = reverse("admin:ragcache_cachepolicy_delete", args=[default.pk])
+    assert admin_client.post(delete_url, {"post": "yes"}).status_code == 302
+    assert not CachePolicy.objects.filter(name="default").exists()
+    assert admin_client.post(ADD_URL, form_data(name="default")).status_code == 302
+    registry.invalidate()
+    assert CachePolicy.objects.get(name="default").generation > old
+    assert [cache_service.get_cached_response(f"question {i}", model="m") for i in range(11)] == [None] * 11
+
+
+# --- Trust, item 20: usage records and rollups are read-only, deletion included -------------------
+
+@pytest.mark.parametrize("model", ["usagerecord", "usagerollup"])
+def test_trust_20_usage_rows_cannot_be_deleted_from_the_admin(admin_client, model):
+    now = timezone.now()
+    for i in range(3):
+        UsageRecord.objects.create(event_id=f"0-{i}", ts=now, policy="faq", result="hit")
+        UsageRollup.objects.create(period_start=now.replace(minute=0, second=0, microsecond=0),
+                                   granularity="hour", policy=f"p{i}", hits=1, lookups=1)
+    rows = (UsageRecord if model == "usagerecord" else UsageRollup).objects
+    pks = list(rows.values_list("pk", flat=True))
+    changelist = reverse(f"admin:ragcache_{model}_changelist")
+
+    page = admin_client.get(changelist)
+    assert page.status_code == 200 and page.context["cl"].result_count == 3
+    assert b"delete_selected" not in page.content  # "Delete selected" is not offered
+    forged = admin_client.post(changelist, {"action": "delete_selected", "_selected_action": pks, "post": "yes"})
+    assert forged.status_code in (200, 302)
+    assert rows.count() == 3
+    delete_url = reverse(f"admin:ragcache_{model}_delete", args=[pks[0]])
+    assert admin_client.get(delete_url).status_code == 403
+    assert admin_client.post(delete_url, {"post": "yes"}).status_code == 403
+    assert rows.count() == 3
+    assert b"deletelink" not in admin_client.get(reverse(f"admin:ragcache_{model}_change", args=[pks[0]])).content

@@ -138,9 +138,9 @@ def test_json_format_is_exact_and_machine_readable():
     assert data["hours"] == 48 and data["policy"] is None and data["series_step"] == "hour"
     (row,) = data["rows"]
     assert row == {
-        "policy": "default", "model": "gpt", "lookups": 4, "hits": 2, "misses": 2, "shadow_hits": 0, "stores": 0,
-        "refusals": 0, "bypasses": 0, "tokens_avoided": 20, "hit_rate": 0.5, "cost_avoided": "0.200000",
-        "latency_avoided_ms": 0.0,
+        "policy": "default", "model": "gpt", "lookups": 4, "hits": 2, "misses": 2, "shadow_hits": 0,
+        "stale_sources": 0, "stores": 0, "refusals": 0, "bypasses": 0, "unknown_usage_hits": 0, "tokens_avoided": 20,
+        "hit_rate": 0.5, "cost_avoided": "0.200000", "latency_avoided_ms": 0.0,
     }
     assert data["totals"]["cost_avoided"] == "0.200000" and data["totals"]["policy"] == "TOTAL"
     assert len(data["series"]) == 48 and all(isinstance(p["cost_avoided"], str) for p in data["series"])
@@ -169,3 +169,16 @@ def test_table_format_is_aligned():
 @pytest.mark.django_db
 def test_table_says_so_when_there_is_no_usage():
     assert "(no usage in this window)" in run("--hours", "1")
+
+
+@pytest.mark.django_db
+def test_rows_of_several_gateway_keys_add_up_in_their_policy_and_model():
+    current = datetime(2025, 3, 10, 14, tzinfo=UTC)
+    rollup(current, hits=2, misses=1, stale_sources=1, cost_avoided=Decimal("0.000000000001"))
+    rollup(current, gateway_key="team-a", hits=3, unknown_usage_hits=1, cost_avoided=Decimal("0.000000000002"))
+    rollup(current, gateway_key="team-b", misses=4, stale_sources=2)
+    (row,) = build_report(24, now=NOW).rows
+    assert (row.policy, row.model, row.hits, row.misses, row.stale_sources, row.unknown_usage_hits) == (
+        "default", "gpt", 5, 5, 3, 1)
+    assert row.cost_avoided == Decimal("0.000000000003")  # exact before display
+    assert row.as_dict()["cost_avoided"] == "0.000000"
