@@ -1,24 +1,24 @@
 #!/usr/bin/env python
-"""Aggregation throughput: enqueue N usage events, time ``ragcache.usage.aggregate()``.
+"""Aggregation throughput: enqueue N usage events, time ``ragcache.aggregation.aggregate()``.
 
     createdb -h 127.0.0.1 -U postgres ragcache_bench        # once; migrated by this script
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/ragcache_bench make bench-aggregate
     python bench/aggregation.py --events 50000 --profile    # cProfile of the run
 
-Events are written with pipelined XADD in the exact field format the lookup and store
-scripts use (hits and shadow hits carry the entry's metadata in 'e'), under a unique
-key prefix. Rows the run adds (policies "bench-*") are deleted at the end, and so are its
+Events are written with pipelined XADD in the exact field format the scripts use (r, h, w,
+x, and the entry's metadata in 'e' for hits and stores) to the shard streams their keys
+belong to, under a unique key prefix. Rows the run adds (policies "bench-*") are deleted at the end, and so are its
 Redis keys. Without DATABASE_URL a bench-only SQLite file is used; the target
 (>= 25,000 events/s) is for PostgreSQL. See docs/performance.md.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,17 +34,20 @@ PRICES = {"bench-gpt-small": ("0.000150", "0.000600"), "bench-gpt-large": ("0.00
 MIX = (("hit", 55), ("miss", 25), ("store", 12), ("shadow_hit", 2), ("bypass", 4), ("refused", 2))
 
 
-def _meta(rng: random.Random, model: str, now: float) -> str:
+def _meta(rng: random.Random, model: str, now: float) -> bytes:
+    from ragcache.entries import KIND_RESPONSE, Usage, make_meta
+
     pt, ct = rng.randint(20, 800), rng.randint(50, 1200)
-    n = rng.randint(300, 4000)
-    cost = None if rng.random() < 0.7 else f"{(pt * 0.0025 + ct * 0.01) / 1000:.6f}"
-    return json.dumps({"v": 1, "model": model, "fr": "stop", "pt": pt, "ct": ct, "cost": cost,
-                       "lat": round(rng.uniform(200, 4000), 3), "at": round(now - 60, 3),
-                       "exp": round(now + 86400, 3), "z": 0, "n": n}, separators=(",", ":"))
+    cost = None if rng.random() < 0.7 else Decimal(f"{(pt * 0.0025 + ct * 0.01) / 1000:.6f}")
+    return make_meta(kind=KIND_RESPONSE, model=model, finish_reason="stop", usage=Usage(pt, 0, ct, True), cost=cost,
+                     latency_ms=round(rng.uniform(200, 4000), 3), created=now - 60, expires=now + 86400,
+                     size=rng.randint(300, 4000))
 
 
-def make_events(count: int, seed: int = 63) -> list[dict[str, str]]:
-    """Events as the Lua scripts and UsageEvent.fields() write them."""
+def make_events(count: int, seed: int = 63) -> list[tuple[str, dict]]:
+    """(shard key, event fields) as the Lua scripts write them."""
+    from ragcache.usage import event_header
+
     rng = random.Random(seed)
     results = [name for name, weight in MIX for _ in range(weight)]
     now = time.time()
@@ -52,35 +55,36 @@ def make_events(count: int, seed: int = 63) -> list[dict[str, str]]:
     for _ in range(count):
         result = rng.choice(results)
         model = rng.choice(MODELS)
-        fields = {"r": result, "p": rng.choice(POLICIES), "m": model, "s": "global" if rng.random() < 0.8 else
-                  f"{rng.getrandbits(96):024x}", "k": f"{rng.getrandbits(64):016x}",
-                  "t": str(int((now - rng.uniform(0, 7200)) * 1_000_000))}
+        key = f"{rng.getrandbits(64):016x}"
+        scope = "global" if rng.random() < 0.8 else f"{rng.getrandbits(96):024x}"
+        fields = {"r": result, "h": event_header(rng.choice(POLICIES), model, scope, key)}
         if result in ("hit", "shadow_hit"):
             fields["w"] = str(rng.randint(80, 900))
             fields["e"] = _meta(rng, model, now)
         elif result == "store":
             fields["e"] = _meta(rng, model, now)
         elif result == "bypass":
-            fields["x"] = rng.choice(("rollout", "off"))
+            fields["x"] = rng.choice(("rollout", "mode_off"))
         elif result == "refused":
             fields["x"] = rng.choice(("truncated", "empty", "too_large"))
-        events.append(fields)
+        events.append((key, fields))
     return events
 
 
-def enqueue(events: list[dict[str, str]], chunk: int = 5000) -> float:
+def enqueue(events: list[tuple[str, dict]], chunk: int = 5000) -> float:
     import redis
 
     from ragcache import store
+    from ragcache.keys import SHARDS
 
     client = redis.Redis.from_url(_common.REDIS_URL)
-    stream = store.stream_key()
+    streams = store.current_layout().streams
     started = time.perf_counter()
     try:
         for offset in range(0, len(events), chunk):
             pipe = client.pipeline(transaction=False)
-            for fields in events[offset:offset + chunk]:
-                pipe.xadd(stream, fields)
+            for key, fields in events[offset:offset + chunk]:
+                pipe.xadd(streams[int(key[8:16], 16) % SHARDS], fields)
             pipe.execute()
     finally:
         client.close()
@@ -103,10 +107,8 @@ def _clean_rows(created_prices: list[str]) -> None:
 
 
 def run(args, prefix: str) -> dict:
-    from decimal import Decimal
-
+    from ragcache.aggregation import aggregate
     from ragcache.models import ModelPrice, UsageRecord, UsageRollup
-    from ragcache.usage import aggregate
 
     _clean_rows([])
     created_prices = []
@@ -137,7 +139,7 @@ def run(args, prefix: str) -> dict:
         records = UsageRecord.objects.filter(policy__startswith="bench-").count()
         hour_lookups = sum(UsageRollup.objects.filter(policy__startswith="bench-", granularity="hour")
                            .values_list("lookups", flat=True))
-        expected_lookups = sum(1 for e in events if e["r"] in ("hit", "miss", "shadow_hit"))
+        expected_lookups = sum(1 for _, e in events if e["r"] in ("hit", "miss", "shadow_hit"))
         ok = result.ingested == len(events) and records == len(events) and hour_lookups == expected_lookups
         rate = result.ingested / seconds if seconds else 0.0
         print(f"aggregate(): {result.ingested:,} events in {seconds:.2f} s = {rate:,.0f} events/s "
