@@ -270,7 +270,7 @@ def read_events(count: int, pending: bool) -> list[tuple[int, str, dict | None]]
             shards = [shard for shard, length in enumerate(pipe.execute()) if length]
         if not shards:
             return []
-        per_shard = max(100, count // len(shards))
+        per_shard = -(-count // len(shards))  # at most count (+ one per shard): AGGREGATE_BATCH bounds a batch
         pipe = client.pipeline(transaction=False)
         for shard in shards:
             pipe.execute_command("XREADGROUP", "GROUP", STREAM_GROUP, CONSUMER, "COUNT", per_shard,

@@ -290,6 +290,22 @@ def test_backlog_is_bounded_by_stream_maxlen_and_visible(settings, policy_factor
     assert result.ingested == backlog and result.backlog == 0 == store.backlog()
 
 
+def test_a_batch_reads_at_most_aggregate_batch_events(settings, policy_factory, redis_client):
+    """AGGREGATE_BATCH bounds each batch (one transaction), however the events spread over shards."""
+    settings.RAGCACHE = {**settings.RAGCACHE, "AGGREGATE_BATCH": 100}
+    policy_factory("default")
+    streams = store.current_layout().streams
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(1000):
+        pipe.xadd(streams[i % 4], {"r": "miss", "h": event_header("default", "gpt", "global", f"{i:04x}")})
+    pipe.execute()
+    store.ensure_groups()
+    assert len(store.read_events(100, pending=False)) == 100  # 25 from each of the 4 shards with events
+    assert pending_total(redis_client) == 100
+    result = aggregate()
+    assert (result.ingested, result.duplicates, result.backlog) == (1000, 0, 0)
+
+
 def test_retention_prunes_old_records_and_keeps_rollups(settings, db):
     settings.RAGCACHE = {**settings.RAGCACHE, "RETENTION_DAYS": 30}
     now = timezone.now()

@@ -22,14 +22,24 @@ import pytest
 from django.conf import settings as django_settings
 from django.db import DatabaseError, connection
 
-from ragcache import metrics, store, usage
-from ragcache.conf import get_config
+from ragcache import aggregation, metrics, store
+from ragcache.aggregation import aggregate
+from ragcache.entries import KIND_RESPONSE, Usage, make_meta
 from ragcache.models import ModelPrice, UsageRecord
 from ragcache.tasks import aggregate_usage
-from ragcache.usage import aggregate
+from ragcache.usage import event_header
 
 from .conftest import REDIS_URL, free_port
-from .test_aggregation import COUNTS, assert_report_equals, drive_known_mix, event_total, report_json, rollup_totals
+from .test_aggregation import (
+    COUNTS,
+    assert_report_equals,
+    consumer_names,
+    drive_known_mix,
+    event_total,
+    pending_total,
+    report_json,
+    rollup_totals,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -44,17 +54,18 @@ def empty_tally() -> dict:
 
 
 def enqueue_events(redis_client, n: int) -> dict[tuple[str, str], dict]:
-    """XADD ``n`` events the way the lookup and store scripts write them (pipelined), and
-    return what they must add up to. Hits on model "m-priced" carry no cost, so theirs
-    comes from ModelPrice; every other hit carries its own."""
+    """XADD ``n`` events over the 256 shards' streams the way the lookup and store scripts
+    write them (pipelined), and return what they must add up to. Hits on model "m-priced"
+    carry no cost, so theirs comes from ModelPrice; every other hit carries its own."""
     results = ("hit", "hit", "miss", "store", "refused", "bypass", "shadow_hit")
     policies, models = ("default", "faq", "docs"), ("m-priced", "m-own")
     expected: dict[tuple[str, str], dict] = defaultdict(empty_tally)
-    now_us = int(time.time() * 1_000_000)
+    streams = store.current_layout().streams
+    now = time.time()
     pipe = redis_client.pipeline(transaction=False)
     for i in range(n):
         result, policy, model = results[i % 7], policies[i % 3], models[(i // 3) % 2]
-        fields = {"r": result, "p": policy, "m": model, "s": "global", "k": f"{i:016x}", "t": str(now_us + i)}
+        fields = {"r": result, "h": event_header(policy, model, "global", f"{i:016x}")}
         tally = expected[(policy, model)]
         counter = {"hit": "hits", "miss": "misses", "shadow_hit": "shadow_hits", "store": "stores",
                    "refused": "refusals", "bypass": "bypasses"}[result]
@@ -63,14 +74,15 @@ def enqueue_events(redis_client, n: int) -> dict[tuple[str, str], dict]:
             tally["lookups"] += 1
         if result in ("hit", "shadow_hit", "store"):
             pt, ct = i % 50, i % 20
-            cost = None if model == "m-priced" else "0.000123"
-            fields["e"] = json.dumps({"v": 1, "model": model, "pt": pt, "ct": ct, "cost": cost, "lat": 500.0})
-            fields["w"] = "1000"  # the hit itself took 1 ms
+            cost = None if model == "m-priced" else Decimal("0.000123")
+            fields["e"] = make_meta(kind=KIND_RESPONSE, model=model, finish_reason="stop", usage=Usage(pt, 0, ct, True),
+                                    cost=cost, latency_ms=500.0, created=now, expires=now + 3600)
+            fields["w"] = "1000"  # the hit itself took 1 ms (1000 µs)
             if result == "hit":
                 tally["tokens_avoided"] += pt + ct
                 tally["cost_avoided"] += Decimal(cost) if cost else (PRICE_IN * pt + PRICE_OUT * ct) / 1000
                 tally["latency_avoided_ms"] += 499.0
-        pipe.xadd(store.stream_key(), fields)
+        pipe.xadd(streams[i % len(streams)], fields)
         if i % 1000 == 999:
             pipe.execute()
     pipe.execute()
@@ -81,8 +93,10 @@ def assert_exact(expected: dict, n: int, redis_client) -> None:
     assert UsageRecord.objects.count() == n
     assert rollup_totals("hour", with_latency=True) == expected
     assert rollup_totals("day", with_latency=True) == expected
-    assert redis_client.xlen(store.stream_key()) == 0
-    assert redis_client.xpending(store.stream_key(), store.STREAM_GROUP)["pending"] == 0
+    assert store.backlog() == 0
+    assert pending_total(redis_client) == 0
+    # One consumer name, whichever process and however many runs.
+    assert set().union(*consumer_names(redis_client)) == {"aggregator"}
 
 
 @pytest.fixture
@@ -219,7 +233,7 @@ def test_real_worker_aggregates_the_known_mix(transactional_db, policy_factory, 
 
     assert UsageRecord.objects.count() == events
     assert rollup_totals("hour") == expected and rollup_totals("day") == expected
-    assert redis_client.xlen(store.stream_key()) == 0
+    assert store.backlog() == 0
     assert aggregated_lines(worker) == [(events, 0)]
     assert_report_equals(report_json(), expected)
     print(f"\nreal worker: {events} events from cache_service aggregated exactly: {aggregated_lines(worker)}")
@@ -228,20 +242,21 @@ def test_real_worker_aggregates_the_known_mix(transactional_db, policy_factory, 
 def test_worker_killed_mid_aggregation_loses_and_double_counts_nothing(priced, redis_client, workers):
     n = 20_000
     expected = enqueue_events(redis_client, n)
-    assert redis_client.xlen(store.stream_key()) == n
+    assert store.backlog() == n
     first = workers(RAGCACHE_AGGREGATE_BATCH="500", RAGCACHE_AGGREGATION_LOCK_TIMEOUT="2")
     send_aggregation(workers.queue)
     # Kill it once a batch is committed and another is in flight (read, not yet acknowledged).
-    in_flight = lambda: redis_client.xpending(store.stream_key(), store.STREAM_GROUP)["pending"] > 0  # noqa: E731
+    in_flight = lambda: pending_total(redis_client) > 0  # noqa: E731
     wait_for(lambda: UsageRecord.objects.exists() and in_flight(), "a committed batch", [first], poll=0.002)
     first.kill()
     written_before_kill = UsageRecord.objects.count()
-    pending_after_kill = redis_client.xpending(store.stream_key(), store.STREAM_GROUP)["pending"]
+    pending_after_kill = pending_total(redis_client)
     assert 0 < written_before_kill < n, "the worker must die mid-aggregation"
     assert store.last_aggregation() is None
 
     # Its lock outlives it by at most AGGREGATION_LOCK_TIMEOUT; then a new worker takes over.
-    wait_for(lambda: not redis_client.exists(store.aggregation_lock_key()), "the dead worker's lock to expire", [first])
+    lock = store.current_layout().aggregation_lock
+    wait_for(lambda: not redis_client.exists(lock), "the dead worker's lock to expire", [first])
     second = workers(RAGCACHE_AGGREGATE_BATCH="500", RAGCACHE_AGGREGATION_LOCK_TIMEOUT="2")
     send_aggregation(workers.queue)
     wait_for(lambda: aggregated_lines(second), "the second worker's aggregation", [second])
@@ -291,7 +306,7 @@ def test_concurrent_aggregations_wait_for_the_lock(priced, redis_client, setting
     n = 3_000
     expected = enqueue_events(redis_client, n)
     in_first_batch, release = threading.Event(), threading.Event()
-    real_ingest = usage.ingest
+    real_ingest = aggregation.ingest
 
     def ingest_and_pause(entries, result):
         real_ingest(entries, result)
@@ -299,7 +314,7 @@ def test_concurrent_aggregations_wait_for_the_lock(priced, redis_client, setting
             in_first_batch.set()
             release.wait(30)  # hold the aggregation (and its lock) open mid-run
 
-    monkeypatch.setattr(usage, "ingest", ingest_and_pause)
+    monkeypatch.setattr(aggregation, "ingest", ingest_and_pause)
     errors, results = [], []
     runner = threading.Thread(target=_run_until_drained, args=(errors, results), daemon=True)
     runner.start()
@@ -354,20 +369,19 @@ def broken_database():
 def test_database_outage_makes_the_task_retry_and_keeps_events_pending(priced, redis_client, broken_database):
     n = 700
     expected = enqueue_events(redis_client, n)
-    batch = int(get_config()["AGGREGATE_BATCH"])
     broken_database()
 
     with pytest.raises(DatabaseError):
         aggregate_usage()  # called directly, Celery re-raises what autoretry would retry on
-    assert redis_client.xlen(store.stream_key()) == n  # nothing acknowledged, nothing lost
-    assert redis_client.xpending(store.stream_key(), store.STREAM_GROUP)["pending"] == min(n, batch)
-    assert not redis_client.exists(store.aggregation_lock_key())  # released for the retry
+    assert store.backlog() == n  # nothing acknowledged, nothing lost
+    assert pending_total(redis_client) == n  # read in one batch (under 100 per shard), then the database failed
+    assert not redis_client.exists(store.current_layout().aggregation_lock)  # released for the retry
 
     errors_before = metrics.AGGREGATION_RUNS.labels("error")._value.get()
     outcome = aggregate_usage.apply()  # in-process: shows the autoretry policy itself
     assert outcome.state == "FAILURE" and isinstance(outcome.result, DatabaseError)
     assert metrics.AGGREGATION_RUNS.labels("error")._value.get() - errors_before == 1 + aggregate_usage.max_retries
-    assert redis_client.xlen(store.stream_key()) == n
+    assert store.backlog() == n
 
     broken_database.restore()
     result = aggregate_usage()
