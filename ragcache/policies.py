@@ -175,6 +175,7 @@ class PolicyRegistry:
             interval = float(get_config()["POLICY_RETRY_INTERVAL"])
             with self._lock:
                 self._retry_at = time.monotonic() + interval
+            _close_if_broken()
             logger.warning(
                 "ragcache: could not load cache policies (%s: %s); %s; retrying in %.0f s",
                 type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "",
@@ -193,6 +194,22 @@ class PolicyRegistry:
         with self._lock:
             self._snapshot = None
             self._retry_at = 0.0
+
+
+def _close_if_broken() -> None:
+    """After a failed load: close the connection if the server dropped it. Django does so
+    at request boundaries only; without this a worker thread or a script would retry on a
+    dead connection after the database is back."""
+    from django.db import Error, connections, router
+
+    from .models import CachePolicy
+
+    conn = connections[router.db_for_read(CachePolicy)]
+    if not conn.in_atomic_block:
+        try:
+            conn.close_if_unusable_or_obsolete()
+        except Error:
+            pass
 
 
 registry = PolicyRegistry()

@@ -375,6 +375,53 @@ def test_trust_14_a_database_outage_serves_hits_from_the_last_snapshot(
     assert registry.current().available and not [r for r in ragcache_log.records if r.levelno >= logging.WARNING]
 
 
+def test_trust_14_the_first_attempt_after_the_outage_reloads_outside_any_request(
+        transactional_db, policy_factory, ragcache_settings, ragcache_log, broken_database, monkeypatch):
+    """No request boundary closes a dropped connection in a worker thread or a script: the
+    registry closes it itself, so the first attempt after the outage reconnects. The outage
+    is a connection the server terminated (PostgreSQL, as in a restart), or a database file
+    that cannot be opened (SQLite)."""
+    ragcache_settings(POLICY_MAX_AGE=0.05, POLICY_RETRY_INTERVAL=0.3)
+    policy_factory("default")
+    assert cache_service.cache_response("q", "an answer", model=MODEL)
+    assert cache_service.get_cached_response("q", model=MODEL) is not None
+    outcomes: list[str] = []
+    real_load = policies.load_snapshot
+
+    def counted_load():
+        try:
+            snapshot = real_load()
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+            raise
+        outcomes.append("loaded")
+        return snapshot
+
+    monkeypatch.setattr(policies, "load_snapshot", counted_load)
+    if connection.vendor == "postgresql":
+        import psycopg
+
+        backend = connection.cursor().connection.info.backend_pid
+        settings = connection.settings_dict
+        with psycopg.connect(host=settings["HOST"] or "127.0.0.1", port=settings["PORT"] or 5432,
+                             user=settings["USER"], password=settings["PASSWORD"] or None,
+                             dbname="postgres", autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        time.sleep(0.1)
+    else:
+        broken_database()
+    time.sleep(0.06)
+    assert cache_service.get_cached_response("q", model=MODEL) is not None  # attempt 1 fails, the hit is served
+    assert outcomes == ["OperationalError"]
+    if connection.vendor != "postgresql":
+        broken_database.restore()
+    time.sleep(0.35)
+    ragcache_log.clear()
+    assert cache_service.get_cached_response("q", model=MODEL) is not None
+    assert outcomes == ["OperationalError", "loaded"]  # without closing the dead connection: "the connection is closed"
+    assert not [r for r in ragcache_log.records if r.levelno >= logging.WARNING]
+
+
 # --- Trust, item 21: `default` exists after a flush --------------------------------------------
 
 def test_trust_21_default_exists_again_after_a_flush(transactional_db):
