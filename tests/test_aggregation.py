@@ -306,6 +306,20 @@ def test_a_batch_reads_at_most_aggregate_batch_events(settings, policy_factory, 
     assert (result.ingested, result.duplicates, result.backlog) == (1000, 0, 0)
 
 
+def test_each_gateway_key_has_its_own_rollup_rows(policy_factory):
+    policy_factory("default")
+    for key, calls in (("team-a", 3), ("team-b", 2), ("", 1)):
+        for _ in range(calls):
+            cache_service.get_or_call("shared question", lambda: "an answer", model="m", gateway_key=key)
+    assert aggregate().ingested == 7  # a miss and a store, then five hits
+    hours = {row.gateway_key: (row.lookups, row.hits, row.stores)
+             for row in UsageRollup.objects.filter(granularity="hour")}
+    assert hours == {"team-a": (3, 2, 1), "team-b": (2, 2, 0), "": (1, 1, 0)}
+    assert set(UsageRecord.objects.values_list("gateway_key", flat=True)) == {"team-a", "team-b", ""}
+    (row,) = report_json()["rows"]  # the report sums them per policy and model
+    assert (row["lookups"], row["hits"], row["stores"]) == (6, 5, 1)
+
+
 def test_retention_prunes_old_records_and_keeps_rollups(settings, db):
     settings.RAGCACHE = {**settings.RAGCACHE, "RETENTION_DAYS": 30}
     now = timezone.now()
