@@ -2,6 +2,7 @@
 against the fake OpenAI upstream on a real socket (no transport mocks)."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -11,6 +12,7 @@ from asgiref.sync import async_to_sync
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ragcache import flows
+from ragcache.aggregation import aggregate
 from ragcache.exceptions import InvalidRequestError, ScopeRequiredError
 from ragcache.integrations.openai import (
     AsyncCachedOpenAI,
@@ -21,6 +23,7 @@ from ragcache.integrations.openai import (
     cache_status,
     cached,
 )
+from ragcache.models import UsageRecord
 from ragcache.policies import registry
 from ragcache.services import cache_service
 
@@ -489,3 +492,45 @@ def test_keys_never_contain_the_prompt(fake_llm, policy, redis_client, ragcache_
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": secret}])
     names = [k.decode() for k in redis_client.scan_iter(match=f"{ragcache_prefix}:*", count=1000)]
     assert names and not any("hunter2" in name for name in names)
+
+
+# --- fan-out and accounting through the wrapper ------------------------------------------------------------------
+
+def test_identical_wrapped_streams_make_one_upstream_call(fake_llm, policy):
+    messages = question("wrapped fan-out")
+    model = f"{MODEL}@first=300,delay=20"
+
+    async def run():
+        client = cached(fake_llm.async_client())
+
+        async def one():
+            stream = await client.chat.completions.create(model=model, messages=messages, stream=True,
+                                                          stream_options={"include_usage": True})
+            async with stream:
+                return stream.outcome, [c.to_json() async for c in stream]
+
+        found = await asyncio.gather(*(one() for _ in range(10)))
+        await client.close()
+        return found
+
+    found = async_to_sync(run)()
+    assert fake_llm.call_count(messages) == 1
+    assert sorted(outcome for outcome, _ in found) == ["miss"] + ["shared"] * 9
+    assert len({tuple(chunks) for _, chunks in found}) == 1  # every caller got the same chunks
+
+
+def test_wrapped_hits_record_the_tokens_they_avoided(fake_llm, policy):
+    client = cached(fake_llm.client())
+    messages = question("accounting")
+    first = client.chat.completions.create(model=MODEL, messages=messages)
+    client.chat.completions.create(model=MODEL, messages=messages)
+    streamed = question("accounting, streamed")
+    chunks = _read(client.chat.completions.create(model=MODEL, messages=streamed, stream=True,
+                                                  stream_options={"include_usage": True}))
+    _read(client.chat.completions.create(model=MODEL, messages=streamed, stream=True,
+                                         stream_options={"include_usage": True}))
+    assert aggregate().status == "ok"
+    hits = sorted((r.tokens_avoided, r.usage_known) for r in UsageRecord.objects.filter(result="hit"))
+    assert hits == sorted([(first.usage.total_tokens, True), (chunks[-1].usage.total_tokens, True)])
+    stores = UsageRecord.objects.filter(result="store").count()
+    assert stores == 2
