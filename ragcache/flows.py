@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import reprlib
 import sys
 import threading
 import time
@@ -62,10 +63,10 @@ from .keys import (
     source_hash,
 )
 from .policies import Policy, Snapshot, registry
-from .scripts import DELETE, EVENT, LOOKUP, PUBLISH, RELEASE, STORE
+from .scripts import DELETE, EVENT, LOOKUP, PUBLISH, RELEASE, STAMPS, STORE
 from .steplog import log_step
 from .steplog import logger as step_logger
-from .usage import UsageEvent, event_header, usage_tracker
+from .usage import UsageEvent, event_header, parse_header, usage_tracker
 
 logger = logging.getLogger("ragcache.services")
 
@@ -139,21 +140,24 @@ def make_request(
                    no_store, ttl, gateway_key or "")
 
 
-def _sources(sources: Iterable[str] | None) -> tuple[str, ...]:
+def _sources(sources: Iterable[str] | None, *, cited: bool = True) -> tuple[str, ...]:
+    """The distinct source ids, in order. ``cited``: the ids one answer cites (at most
+    MAX_SOURCES); otherwise ids to invalidate (any number)."""
     if sources is None:
         return ()
     if isinstance(sources, (str, bytes)) or not isinstance(sources, Iterable):
         raise InvalidRequestError('sources must be an iterable of source ids, e.g. sources=["doc:42"].')
-    found = tuple(dict.fromkeys(sources))
-    limit = int(get_config()["MAX_SOURCES"])
-    if len(found) > limit:
-        raise InvalidRequestError(f"An answer may cite at most {limit} sources (RAGCACHE['MAX_SOURCES']).")
-    for source in found:
+    limit = int(get_config()["MAX_SOURCES"]) if cited else None
+    found: dict[str, None] = {}
+    for source in sources:  # each checked before it is hashed: a list among them is an error, not a TypeError
         if not isinstance(source, str) or not source or len(source) > MAX_SOURCE_LENGTH:
             raise InvalidRequestError(
                 f"Each source id must be a non-empty string of at most {MAX_SOURCE_LENGTH} characters, "
-                f"not {source!r}.")
-    return found
+                f"not {reprlib.repr(source)}.")
+        found[source] = None
+        if limit is not None and len(found) > limit:
+            raise InvalidRequestError(f"An answer may cite at most {limit} sources (RAGCACHE['MAX_SOURCES']).")
+    return tuple(found)
 
 
 @dataclass(slots=True)
@@ -214,12 +218,15 @@ def _snapshot():
     return snapshot
 
 
+_warned_policies: set[str] = set()
+
+
 def _plan(request: Request):
-    snapshot = registry.fresh()
-    if snapshot is None:
-        snapshot = yield RELOAD
+    snapshot = yield from _snapshot()
     result = plan(request, snapshot)
-    if result.policy is None and result.bypass == "unknown_policy":
+    if result.bypass == "unknown_policy" and request.policy not in _warned_policies:
+        if len(_warned_policies) < 1000:  # once per name and process (bounded: names come from callers)
+            _warned_policies.add(request.policy)
         logger.warning("ragcache: no cache policy named %r; calls bypass the cache", request.policy[:64])
     if step_logger.isEnabledFor(logging.DEBUG):
         policy = result.policy
@@ -318,6 +325,8 @@ def record_lookup(request: Request, plan: Plan, result: str, reason: str = "", *
         if step_logger.isEnabledFor(logging.DEBUG):
             log_step(62, {"policy": name, "cache_key": plan.key.short, "hit": False, "result": result,
                           "reason": reason}, logging.DEBUG)
+            if result == "bypass" and reason != "no_cache":
+                _log_tracked(plan, result, reason)
         return
     elapsed = time.perf_counter() - request.started
     metrics.child(metrics.LOOKUP_SECONDS, name).observe(elapsed)
@@ -325,6 +334,8 @@ def record_lookup(request: Request, plan: Plan, result: str, reason: str = "", *
     if step_logger.isEnabledFor(logging.DEBUG):
         log_step(62, {"policy": name, "cache_key": plan.key.short, "hit": result == "hit", "result": result,
                       "reason": reason or None}, logging.DEBUG)
+        if result == "miss" and reason:  # lock_timeout, leader_released, corrupt, ...
+            _log_tracked(plan, result, reason)
     if result == "hit" and cached is not None:
         record_hit(request, plan, cached, elapsed * 1000, reason)
 
@@ -345,6 +356,15 @@ def record_hit(request: Request, plan: Plan, cached: CachedResponse, waited_ms: 
     ), written=True)
 
 
+def _log_tracked(plan: Plan, result: str, reason: str) -> None:
+    """Step 63 at DEBUG for a tracked result other than a hit (a bypass, a refusal, a miss
+    with a reason); its event is written by a script in its own round trip."""
+    if plan.snapshot.tracking_enabled and step_logger.isEnabledFor(logging.DEBUG):
+        _, model, scope, key, gateway_key = parse_header(plan.header)
+        usage_tracker.track(UsageEvent(policy=plan.policy_name, result=result, model=model, scope_hash=scope,
+                                       key_hash=key, reason=reason, gateway_key=gateway_key), written=True)
+
+
 def record_store(plan: Plan, status: str, *, ttl: int = 0, size: int = 0, reason: str = "") -> None:
     """Step 68: ``status`` is stored, refused or error (``ragcache_stores_total``)."""
     name = plan.policy_name
@@ -357,6 +377,7 @@ def record_store(plan: Plan, status: str, *, ttl: int = 0, size: int = 0, reason
     else:
         if status == "refused":
             metrics.child(metrics.REFUSALS, name, reason).inc()
+            _log_tracked(plan, "refused", reason)
         attrs.update(policy=name, stored=False, reason=reason or status)
     log_step(68, attrs)
 
@@ -497,7 +518,7 @@ def _run_later():
     while _later and len(pending) < 100:
         pending.append(_later.popleft())
     try:
-        yield RunEach(pending)
+        yield RunEach(pending, bulk=False)  # inside a request: never wait past the hot path's timeout
     except RedisUnavailable:
         _later.extendleft(reversed(pending))
 
@@ -563,6 +584,24 @@ def _own_call(request: Request, plan: Plan, reason: str):
     record_lookup(request, plan, "miss", reason)
     yield from _event(plan, "r", "miss", "h", plan.header, "x", reason)
     return Lookup(plan, "miss", reason)
+
+
+def _guard_stamps(request: Request, plan: Plan, found: Lookup):
+    """The stamps the write guard compares at the store: those the lookup read, or, for a
+    call whose lookup read none (a refresh, a shadow hit, a follower calling the LLM
+    itself), the current ones, read now, before the call. Without them an answer built
+    from a source invalidated during the call would be stored as fresh."""
+    policy = plan.policy
+    if found.stamps or not plan.sources or request.no_store or policy is None or policy.mode not in ("on", "shadow") \
+            or plan.bypass not in ("", "no_cache"):
+        return found.stamps
+    t, key = tuning(), plan.key
+    try:
+        stamps = yield Run(STAMPS, [t.layout.versions[key.shard]], [
+            t.layout.stamp_bases[key.shard], plan.sources, _new_stamp(), t.stamp_ttl_ms], key.shard)
+    except RedisUnavailable:  # stamps that never match: the store (if Redis is back by then) refuses
+        return ",".join("-" for _ in request.sources)
+    return stamps.decode() if isinstance(stamps, bytes) else str(stamps)
 
 
 # --- store (step 68) ------------------------------------------------------------------------
@@ -633,6 +672,13 @@ def get_cached_response(request: Request):
 
 def cache_response(request: Request, response: Any, latency_ms: float | None):
     current = yield from _plan(request)
+    if current.bypass and registry.check_due():
+        # No lookup tells a store-only caller that the cache came back (kill switch off):
+        # ask the shard's version, at most once a second.
+        version = yield from _event(current, record=False)
+        if version is not None and registry.needs(version):
+            yield RELOAD
+            current = yield from _plan(request)
     return (yield from store(request, current, lambda: extract(response), kind=KIND_RESPONSE,
                              latency_ms=latency_ms, retry=True))
 
@@ -656,6 +702,7 @@ def get_or_call(request: Request, call: Callable[[], Any]):
         return CallResult(found.cached.response, True, plan.key.entry, found.cached,
                           (time.perf_counter() - request.started) * 1000, "hit", found.reason, False,
                           plan.policy_name, plan.key.short)
+    stamps = (yield from _guard_stamps(request, plan, found)) if _may_store(found) else ""
     call_started = time.perf_counter()
     try:
         response = yield Call(call)
@@ -666,7 +713,7 @@ def get_or_call(request: Request, call: Callable[[], Any]):
     stored = False
     if _may_store(found):
         stored = yield from store(request, plan, lambda: extract(response), kind=KIND_RESPONSE, latency_ms=call_ms,
-                                  token=found.token, stamps=found.stamps)
+                                  token=found.token, stamps=stamps)
     return CallResult(response, False, plan.key.entry if plan.policy else None, None,
                       (time.perf_counter() - request.started) * 1000, _outcome(found), found.reason, stored,
                       plan.policy_name, plan.key.short)
@@ -697,19 +744,20 @@ def get_or_stream(request: Request, call: Callable[[], Any]):
         yield Begin(_info(found, "shared"))
         yield from _follow_stream(request, found, call)
         return
+    may_store = _may_store(found)
+    stamps = (yield from _guard_stamps(request, found.plan, found)) if may_store else ""
     started = time.perf_counter()
     try:
         iterator = yield Call(call, stream=True)
     except BaseException:
         yield from _release(found.plan, found.token, "failed")
         raise
-    may_store = _may_store(found)
     try:
         yield Begin(_info(found, _outcome(found)))
     except ConsumerGone:  # closed before its first chunk: release the lock and the upstream now
         yield from _consumer_gone(found.plan, found.token, iterator, may_store)
         return
-    yield from _pass_through(request, found.plan, iterator, found.token, found.stamps, may_store, started)
+    yield from _pass_through(request, found.plan, iterator, found.token, stamps, may_store, started)
 
 
 def _close(iterator: Any):
@@ -737,6 +785,7 @@ def _pass_through(request: Request, plan: Plan, iterator: Any, token: str, stamp
     key = plan.key
     lock_ms, flight_ttl = _lock_ms(), _flight_ttl_ms()
     publishing = bool(token)
+    published, cap = 0, policy.max_entry_bytes if policy else 0
     refused = "refused" if may_store else ""
     while True:
         try:
@@ -754,6 +803,13 @@ def _pass_through(request: Request, plan: Plan, iterator: Any, token: str, stamp
             yield from _consumer_gone(plan, token, iterator, may_store)
             return
         if publishing and data:
+            published += len(data)
+            if published > cap:
+                # Past max_entry_bytes the answer cannot be stored, and Redis must not hold an
+                # unbounded flight: end it (followers fail over) and go on for our consumer alone.
+                yield from _release(plan, token, "failed")
+                publishing, token = False, ""
+                continue
             try:
                 yield Run(PUBLISH, [key.lock, key.flight(token)], [token, lock_ms, flight_ttl, data], key.shard)
             except RedisUnavailable:
@@ -803,13 +859,14 @@ def _follow_stream(request: Request, found: Lookup, call: Callable[[], Any]):
     if status in (b"stored", b"released"):
         yield from _record_shared(request, plan, recorder)
         return
-    yield from _own_call(request, plan, "leader_failed")
+    own = yield from _own_call(request, plan, "leader_failed")
     if handed:
         raise StreamInterrupted("the identical stream this one was sharing broke off after its first chunks were "
                                 "delivered; it cannot be resumed")
+    stamps = yield from _guard_stamps(request, plan, own)
     started = time.perf_counter()
     iterator = yield Call(call, stream=True)
-    yield from _pass_through(request, plan, iterator, "", "", plan.policy.mode in ("on", "shadow"), started)
+    yield from _pass_through(request, plan, iterator, "", stamps, plan.policy.mode in ("on", "shadow"), started)
 
 
 def _record_shared(request: Request, plan: Plan, recorder: StreamRecorder):
@@ -828,13 +885,23 @@ def _record_shared(request: Request, plan: Plan, recorder: StreamRecorder):
 
 # --- invalidation ---------------------------------------------------------------------------------
 
+INVALIDATE_BATCH = 1000  # stamp keys per DELETE command
+
+
 def invalidate_sources(ids: Iterable[str]):
     """Delete the stamps of ``ids`` on every shard: every answer recorded with one of them
-    stops matching and misses, in every process. Returns the number of sources."""
-    sources = _sources(ids)
+    stops matching and misses, in every process. Returns the number of sources. Raises
+    ``RedisUnavailable`` unless every shard confirmed (the call is idempotent: retry it)."""
+    sources = _sources(ids, cited=False)
     if not sources:
         return 0
     hashes = [source_hash(s) for s in sources]
-    yield RunEach([(DELETE, [f"{base}:s:{h}" for h in hashes], []) for base in tuning().layout.bases])
+    bases = tuning().layout.stamp_bases
+    replies = yield RunEach([(DELETE, [f"{base}{h}" for h in hashes[i:i + INVALIDATE_BATCH]], [])
+                             for i in range(0, len(hashes), INVALIDATE_BATCH) for base in bases])
+    failed = [reply for reply in replies if isinstance(reply, Exception)]
+    if failed:  # a pipeline reports each command's error instead of raising
+        raise RedisUnavailable(f"{len(failed)} of {len(replies)} shard deletions failed "
+                               f"({str(failed[0])[:200]}); nothing is sure to be invalidated: retry")
     metrics.SOURCE_INVALIDATIONS.inc(len(sources))
     return len(sources)

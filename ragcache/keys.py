@@ -22,6 +22,7 @@ every script touches one hash slot: standalone Redis and Redis Cluster use one l
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import unicodedata
@@ -74,7 +75,7 @@ def _canonical(value: Any, normalize: bool) -> Any:
             raise InvalidRequestError("ragcache cannot key NaN or Infinity: use finite numbers in messages and params.")
         return int(value) if value.is_integer() and abs(value) < 2**63 else value
     if isinstance(value, Mapping):
-        return {_key(k): _canonical(v, normalize) for k, v in value.items()}
+        return _distinct({_key(k): _canonical(v, normalize) for k, v in value.items()}, len(value))
     if isinstance(value, (list, tuple)):
         return [_canonical(item, normalize) for item in value]
     if isinstance(value, str):  # a str subclass
@@ -85,6 +86,18 @@ def _canonical(value: Any, normalize: bool) -> Any:
     raise InvalidRequestError(
         f"ragcache can only key JSON values (str, number, bool, None, list, dict), not {type(value).__name__}."
     )
+
+
+TOO_DEEP = "ragcache can only key JSON values nested at most a few hundred levels deep (and not circular)."
+
+
+def _distinct(result: dict[str, Any], count: int) -> dict[str, Any]:
+    """``result``, unless two of the ``count`` keys it was made from are equal in NFC: the
+    key must not keep one of them and drop the other (which one would depend on order)."""
+    if len(result) != count:
+        raise InvalidRequestError("ragcache cannot key a dict with two keys that are equal in Unicode (NFC), "
+                                  "e.g. 'e\\u0301' and '\\u00e9'.")
+    return result
 
 
 def _key(name: Any) -> str:
@@ -111,10 +124,17 @@ def normalize_messages(messages: Messages, *, normalize: bool = False) -> list[d
     for index, message in enumerate(messages):
         if hasattr(message, "model_dump") and not isinstance(message, Mapping):
             message = message.model_dump(mode="json", exclude_unset=True)
-        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) or "content" not in message:
+        # 'content' may be left out only beside tool or function calls (OpenAI's assistant turns).
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) or (
+                "content" not in message and not message.get("tool_calls") and not message.get("function_call")):
             raise InvalidRequestError(f"messages[{index}] must be a dict with a string 'role' and a 'content'.")
-        entry = {_key(k): _canonical(v, False) for k, v in message.items() if k != "content"}
-        entry["content"] = _canonical_content(message["content"], normalize)
+        try:
+            entry = {_key(k): _canonical(v, False) for k, v in message.items() if k != "content"}
+            if "content" in message:  # optional: e.g. an assistant message with only tool_calls
+                entry["content"] = _canonical_content(message["content"], normalize)
+        except RecursionError:  # nested absurdly deep, or circular
+            raise InvalidRequestError(TOO_DEEP) from None
+        _distinct(entry, len(message))
         result.append(entry)
     return result
 
@@ -139,7 +159,13 @@ def key_params(params: Mapping[str, Any] | None, ignored: Iterable[str]) -> dict
         return {}
     if not isinstance(params, Mapping):
         raise InvalidRequestError("params must be a dict of request parameters, or None.")
-    return {_key(name): _canonical(value, False) for name, value in params.items() if name not in ignored}
+    try:
+        result = {_key(name): _canonical(value, False) for name, value in params.items() if name not in ignored}
+    except RecursionError:  # nested absurdly deep, or circular
+        raise InvalidRequestError(TOO_DEEP) from None
+    if len(result) != len(params):  # some were ignored, or two names were equal in NFC
+        _distinct(result, sum(1 for name in params if name not in ignored))
+    return result
 
 
 def canonical_json(value: Any) -> bytes:
@@ -147,6 +173,19 @@ def canonical_json(value: Any) -> bytes:
     try:
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     except (TypeError, orjson.JSONEncodeError) as exc:  # e.g. an int beyond 64 bits, or nesting past 254
+        if "surrogates" in str(exc):
+            return _escaped_json(value)
+        raise InvalidRequestError(f"ragcache can only key plain JSON values: {exc}") from None
+
+
+def _escaped_json(value: Any) -> bytes:
+    """A value holding a lone surrogate (JSON allows one as an escape, ``"\\ud800"``; it has
+    no UTF-8 form): written with ASCII escapes. orjson never writes a surrogate escape, so
+    no other value's canonical JSON can equal this one."""
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                          allow_nan=False).encode("ascii")
+    except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidRequestError(f"ragcache can only key plain JSON values: {exc}") from None
 
 
@@ -160,13 +199,17 @@ def content_digest(
     """
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("model must be a non-empty string, e.g. model='gpt-4o-mini'.")
+    try:
+        context = _canonical(context_version, False)
+    except RecursionError:  # nested absurdly deep, or circular
+        raise InvalidRequestError(TOO_DEEP) from None
     payload = {
         "v": KEY_SCHEMA_VERSION,
         "kind": kind,
         "messages": messages,
         "model": model,
         "params": params,
-        "context_version": _canonical(context_version, False),
+        "context_version": context,
     }
     return hashlib.sha256(canonical_json(payload)).hexdigest()
 

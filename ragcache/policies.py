@@ -145,7 +145,17 @@ class PolicyRegistry:
     def __init__(self) -> None:
         self._snapshot: Snapshot | None = None
         self._retry_at = 0.0
+        self._checked_at = 0.0
         self._lock = threading.Lock()
+
+    def check_due(self) -> bool:
+        """True at most once a second: for paths that make no lookup, when to ask Redis
+        whether the policies changed."""
+        now = time.monotonic()
+        if now - self._checked_at < 1.0:
+            return False
+        self._checked_at = now
+        return True
 
     def fresh(self) -> Snapshot | None:
         """The snapshot if it can be used as it is (no reload due); else None."""

@@ -452,3 +452,34 @@ def test_foreign_bytes_at_bookkeeping_keys(admin_client, default_policy, redis_c
     result = aggregation.aggregate()
     assert result.malformed == 1
 
+
+
+# --- Keys and flights: OpenAI's tool-call turns; a flight never outgrows max_entry_bytes -----------------
+
+def test_an_assistant_tool_call_turn_without_content_is_keyed(default_policy):
+    messages = [{"role": "user", "content": "weather in Oslo?"},
+                {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                      "function": {"name": "weather", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "-3 C"}]
+    assert cache_service.cache_response(messages, answer("Cold."), model=MODEL)
+    assert cache_service.get_cached_response(messages, model=MODEL).content == "Cold."
+    with_content = [messages[0], {**messages[1], "content": None}, messages[2]]
+    assert cache_service.get_cached_response(with_content, model=MODEL) is None  # None is not absent
+
+
+def test_a_streams_flight_never_outgrows_max_entry_bytes(policy_factory, redis_client, ragcache_prefix):
+    policy_factory("default", max_entry_bytes=2000, compress_threshold_bytes=0)
+
+    def chunks():
+        for i in range(50):
+            yield {"choices": [{"index": 0, "delta": {"content": f"{i:03d} " + "x" * 150}, "finish_reason": None}]}
+        yield {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+
+    stream = cache_service.get_or_stream("long", chunks, model=MODEL)
+    assert len(list(stream)) == 51  # the consumer gets every chunk
+    flights = [k for k in redis_client.scan_iter(match=f"{keys.layout(ragcache_prefix).root}:*:f:*")]
+    assert len(flights) == 1
+    published = sum(len(fields[b"c"]) for _, fields in redis_client.xrange(flights[0]) if b"c" in fields)
+    assert 0 < published <= 2000
+    assert [f[b"s"] for _, f in redis_client.xrange(flights[0]) if b"s" in f] == [b"failed"]  # followers told
+    assert entry_keys(redis_client, ragcache_prefix) == [] and lock_keys(redis_client, ragcache_prefix) == []
