@@ -71,12 +71,12 @@ async def run(script: Script, keys: Sequence[str], args: Sequence, shard: int | 
     return await guarded(_evalsha, script, keys, args, shard=shard)
 
 
-async def run_each(commands: Sequence[tuple[Script, Sequence[str], Sequence]]) -> list[Any]:
+async def run_each(commands: Sequence[tuple[Script, Sequence[str], Sequence]], bulk: bool = True) -> list[Any]:
     if not commands:
         return []
 
     async def pipelined():
-        client = await _client("bulk")
+        client = await _client("bulk" if bulk else "main")
         replies = await _pipeline(client, commands)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, _NOSCRIPT)]
         if missing:  # see store.run_each

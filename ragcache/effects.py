@@ -37,12 +37,15 @@ class Run:
 
 
 class RunEach:
-    """Run many scripts pipelined (a fan-out over shards); replies or exceptions."""
+    """Run many scripts pipelined (a fan-out over shards); replies or exceptions.
+    ``bulk``: on the maintenance client (its longer timeout); False for work done inside a
+    request, which must never wait longer than the hot path's socket timeout."""
 
-    __slots__ = ("commands",)
+    __slots__ = ("commands", "bulk")
 
-    def __init__(self, commands: list[tuple[Script, Sequence[str], Sequence]]) -> None:
+    def __init__(self, commands: list[tuple[Script, Sequence[str], Sequence]], bulk: bool = True) -> None:
         self.commands = commands
+        self.bulk = bulk
 
 
 class WaitFlight:
@@ -228,7 +231,7 @@ def _execute(effect: Any) -> Any:
         time.sleep(effect.seconds)
         return None
     if kind is RunEach:
-        return store.run_each(effect.commands)
+        return store.run_each(effect.commands, bulk=effect.bulk)
     if kind is Close:
         close = getattr(effect.iterator, "close", None)
         if close is not None:
@@ -308,7 +311,7 @@ async def _aexecute(effect: Any) -> Any:
         await asyncio.sleep(effect.seconds)
         return None
     if kind is RunEach:
-        return await astore.run_each(effect.commands)
+        return await astore.run_each(effect.commands, bulk=effect.bulk)
     if kind is Close:
         iterator = effect.iterator
         if hasattr(iterator, "aclose"):

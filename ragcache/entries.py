@@ -292,7 +292,9 @@ def encode(
     """(meta, body) for the store script; raises ``Refused("too_large")`` past ``max_bytes``
     (measured after compression) and ``Refused("not_serializable")``."""
     try:
-        data = orjson.dumps(body)
+        # Only JSON's own types: orjson would write a datetime or a dataclass as a string or
+        # an object, and a hit would hand back another shape than the call returned.
+        data = orjson.dumps(body, option=orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise Refused("not_serializable", str(exc)) from None
     if b"null" in data and not _finite(body):

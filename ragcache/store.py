@@ -103,14 +103,15 @@ def run(script: Script, keys: Sequence[str], args: Sequence, shard: int | None =
     return guarded(_evalsha, script, keys, args, shard=shard)
 
 
-def run_each(commands: Sequence[tuple[Script, Sequence[str], Sequence]]) -> list[Any]:
+def run_each(commands: Sequence[tuple[Script, Sequence[str], Sequence]], bulk: bool = True) -> list[Any]:
     """Run many scripts (a fan-out over shards) pipelined: one round trip per master.
-    Returns each reply, or the exception that command raised."""
+    Returns each reply, or the exception that command raised. ``bulk=False`` uses the
+    hot-path client (its socket timeout) instead of the maintenance one."""
     if not commands:
         return []
 
     def pipelined():
-        client = connection.client("bulk")
+        client = connection.client("bulk" if bulk else "main")
         replies = _pipeline(client, commands)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, _NOSCRIPT)]
         if missing:  # a master without the scripts (promoted, restarted): EVAL loads them there
