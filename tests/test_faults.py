@@ -7,6 +7,7 @@ would otherwise wait for ever.
 """
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -19,11 +20,12 @@ from prometheus_client import REGISTRY
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ragcache import store
+from ragcache import connection, flows, keys, store
+from ragcache.aggregation import aggregate
 from ragcache.models import UsageRecord, UsageRollup
 from ragcache.policies import registry
 from ragcache.services import cache_service
-from ragcache.usage import aggregate
+from ragcache.usage import event_header
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]
 
@@ -91,7 +93,7 @@ def calls_while_breaker_open(calls: RedisCalls, question: str, wanted: int = 20,
     probes: list[int] = []
     stop_at = time.monotonic() + limit_s
     while time.monotonic() < stop_at and (len(in_window) < wanted or not probes):
-        open_until = store.breaker.open_until
+        open_until = connection.breaker.open_until
         before = calls.total
         result = cache_service.get_or_call(question, lambda: answer_for(question), model=MODEL)
         assert content(result.response) == f"answer to {question}"
@@ -108,6 +110,15 @@ def default_policy(policy_factory):
     # Created here, not taken from the data migration: a transactional test elsewhere may
     # have flushed the tables.
     return policy_factory("default", enabled=True, mode="on", scope="global", ttl_seconds=3600, rollout_percent=100)
+
+
+@pytest.fixture(autouse=True)
+def no_pending_cleanups():
+    """``flows._later`` is per process: cleanups another test abandoned (against its own
+    server) must not run in this one."""
+    flows._later.clear()
+    yield
+    flows._later.clear()
 
 
 @pytest.fixture
@@ -189,7 +200,7 @@ def test_breaker_skips_redis_while_open_and_probes_after_cooldown(private_redis,
     first = cache_service.get_or_call("breaker q", lambda: answer_for("breaker q"), model=MODEL)
     assert content(first.response) == "answer to breaker q" and not first.hit
     assert calls.total > before, "the first call after the outage must have tried Redis"
-    assert store.breaker.open_until > 0
+    assert connection.breaker.open_until > 0
     assert redis_up_gauge() == 0.0
 
     in_window, probes = calls_while_breaker_open(calls, "breaker q")
@@ -199,7 +210,7 @@ def test_breaker_skips_redis_while_open_and_probes_after_cooldown(private_redis,
 
     private_redis.start()
     assert wait_for_hit("breaker after restart") <= 50
-    assert store.breaker.open_until == 0
+    assert connection.breaker.open_until == 0
     assert redis_up_gauge() == 1.0
 
 
@@ -245,7 +256,7 @@ def test_slow_redis_lookup_times_out_to_a_miss_and_breaker_stops_waiting(
         before = calls.total
         assert cache_service.get_cached_response("slow q", model=MODEL) is None  # timed out: a miss
         assert calls.total > before
-        assert store.breaker.open_until > 0
+        assert connection.breaker.open_until > 0
         result = cache_service.get_or_call("slow other", lambda: answer_for("slow other"), model=MODEL)
         assert content(result.response) == "answer to slow other" and not result.hit
         in_window, probes = calls_while_breaker_open(calls, "slow q", wanted=10, limit_s=0.6)
@@ -264,15 +275,49 @@ def test_slow_redis_lookup_times_out_to_a_miss_and_breaker_stops_waiting(
     assert cache_service.cache_response("slow second", answer_for("slow second"), model=MODEL)
     for question in ("slow q", "slow second", "slow q"):
         assert cache_service.get_cached_response(question, model=MODEL).content == f"answer to {question}"
-    pool = store._client().connection_pool
+    pool = connection.client().connection_pool
     assert not pool._in_use_connections  # timed-out connections went back to the pool (or were dropped)
+
+
+def test_a_pending_cleanup_never_makes_a_lookup_wait_past_the_socket_timeout(private_redis, fast_breaker,
+                                                                             django_assert_num_queries):
+    """A cleanup that could not run (``flows._later``: here the release of a lock a
+    timed-out lookup may have taken) runs at the start of the next flow. It must run with
+    the hot path's socket timeout: on a stalled server that lookup is a miss after the
+    timeout, not a wait for the maintenance timeout (BULK_SOCKET_TIMEOUT, 10 s) ending in
+    a hit once the server wakes. Sync and async drivers alike."""
+    registry.current()
+    assert cache_service.cache_response("slow q", answer_for("slow q"), model=MODEL)
+    assert cache_service.get_cached_response("slow q", model=MODEL) is not None
+
+    async def async_lookup():
+        return await cache_service.aget_cached_response("slow q", model=MODEL)
+
+    assert asyncio.run(async_lookup()) is not None  # the async driver is warm too
+    policy, generation, scope, digest = cache_service.get_or_call(
+        "slow q", lambda: answer_for("x"), model=MODEL).key.split(":e:", 1)[1].split(":")
+    key = keys.CacheKey(store.current_layout(), policy, int(generation), scope, digest)
+    for lookup in (lambda: cache_service.get_cached_response("slow q", model=MODEL),
+                   lambda: asyncio.run(async_lookup())):
+        connection.breaker.reset()
+        flows._abandon(key, "a-token-of-nobody")  # what a lookup that timed out leaves behind
+        sleeper = _block_server(private_redis.port, 2.0)
+        try:
+            with django_assert_num_queries(0):
+                assert lookup() is None  # gave up after the socket timeout: a miss
+            assert flows._later, "the cleanup that could not run was dropped"
+        finally:
+            sleeper.join(10)
+        assert wait_for_hit("slow q") >= 1  # awake again: the cleanup runs, hits resume
+        assert not flows._later
 
 
 def test_lock_taken_by_a_timed_out_lookup_is_released(private_redis, fast_breaker, monkeypatch):
     """A get_or_call whose lookup timed out during DEBUG SLEEP is still run by Redis when
     it wakes, taking the single-flight lock with nobody to release it. The next successful
     call releases it, so the question's next caller leads at once instead of polling for
-    LOCK_WAIT seconds as a follower."""
+    LOCK_WAIT seconds as a follower. (The release it could not see is kept in
+    ``flows._later`` and run by the next flow.)"""
     registry.current()
     cache_service.get_or_call("lock warm-up", lambda: answer_for("lock warm-up"), model=MODEL)  # scripts loaded
     client = redis_lib.Redis(port=private_redis.port)
@@ -283,8 +328,10 @@ def test_lock_taken_by_a_timed_out_lookup_is_released(private_redis, fast_breake
         assert content(stalled.response) == "answer to asked while stalled" and not stalled.hit
     finally:
         sleeper.join(10)
+    assert flows._later, "the timed-out lookup left no cleanup behind"
     wait_for_hit("lock warm-up")  # the first successful call after the sleep releases the lock
-    assert list(client.scan_iter(match=f"{store.prefix()}:lock:*")) == []
+    assert not flows._later
+    assert list(client.scan_iter(match=f"{store.current_layout().root}:*:l:*")) == []
 
     calls = RedisCalls(monkeypatch)
     result = cache_service.get_or_call("asked while stalled", lambda: answer_for("asked while stalled"),
@@ -296,9 +343,13 @@ def test_lock_taken_by_a_timed_out_lookup_is_released(private_redis, fast_breake
 
 
 def _pending_events(port: int) -> int:
+    """Usage events waiting in every shard's stream."""
     client = redis_lib.Redis(port=port)
     try:
-        return client.xlen(store.stream_key())
+        pipe = client.pipeline(transaction=False)
+        for stream in store.current_layout().streams:
+            pipe.xlen(stream)
+        return sum(pipe.execute())
     finally:
         client.close()
 
@@ -368,11 +419,12 @@ def test_restart_with_colliding_stream_ids_never_double_counts(private_redis):
     private_redis.stop()
     private_redis.start()
     client = redis_lib.Redis(port=private_redis.port)
+    streams = store.current_layout().streams
     try:
-        fields = {"r": "miss", "p": "default", "m": MODEL, "s": "global", "k": "0" * 16,
-                  "t": str(int(time.time() * 1e6))}
-        for event_id in sorted(old_ids):
-            client.xadd(store.stream_key(), fields, id=event_id)
+        fields = {"r": "miss", "h": event_header("default", MODEL, "global", "0" * 16)}
+        for event_id in sorted(old_ids):  # "<shard>-<stream id>"
+            shard, entry_id = event_id.split("-", 1)
+            client.xadd(streams[int(shard)], fields, id=entry_id)
     finally:
         client.close()
     result = aggregate()
@@ -384,4 +436,5 @@ def test_faults_are_injected_on_a_private_server(private_redis):
     """ragcache talks to the test's own server here, so stopping it never touches the shared Redis."""
     with socket.create_connection(("127.0.0.1", private_redis.port), timeout=1):
         pass
-    assert store._client().connection_pool.connection_kwargs["port"] == private_redis.port
+    assert connection.client().connection_pool.connection_kwargs["port"] == private_redis.port
+    assert connection.client("bulk").connection_pool.connection_kwargs["port"] == private_redis.port

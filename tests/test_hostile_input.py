@@ -1,7 +1,8 @@
 """Hostile and bad input: huge prompts and answers, odd Unicode, values JSON cannot hold,
 foreign bytes in Redis, and admin input. The rule: a bad *request* raises
 InvalidRequestError (a ValueError), a bad *response* is refused (False), bytes ragcache
-did not write are a miss (deleted, counted), and no view answers 500.
+did not write are a miss (deleted, counted), and no view answers 500. Absurd numbers in a
+response (Trust rule 5) are refused where they enter.
 """
 from __future__ import annotations
 
@@ -9,19 +10,20 @@ import base64
 import json
 import math
 import os
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import date, datetime
 from decimal import Decimal
 
 import pytest
 from django.urls import reverse
 from prometheus_client import REGISTRY
 
-from ragcache import store
+from ragcache import keys, store
+from ragcache.aggregation import aggregate
 from ragcache.exceptions import InvalidRequestError
 from ragcache.models import CachePolicy, UsageRecord
 from ragcache.policies import registry
 from ragcache.services import cache_service
-from ragcache.usage import aggregate
 
 pytestmark = pytest.mark.django_db
 
@@ -48,6 +50,14 @@ def sample(name: str, **labels) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+def entry_keys(client) -> list[bytes]:
+    return list(client.scan_iter(match=store.current_layout().entry_pattern(), count=1000))
+
+
+def lock_keys(client) -> list[bytes]:
+    return list(client.scan_iter(match=f"{store.current_layout().root}:*:l:*", count=1000))
+
+
 def deeply_nested(depth: int = 100_000) -> list:
     root: list = []
     node = root
@@ -59,6 +69,12 @@ def deeply_nested(depth: int = 100_000) -> list:
 
 class Opaque:
     """A custom object json cannot encode."""
+
+
+@dataclass
+class Point:
+    x: int
+    y: int
 
 
 @pytest.fixture
@@ -87,13 +103,13 @@ def test_answer_over_max_entry_bytes_is_refused_and_not_stored(policy, redis_cli
     assert cache_service.get_cached_response("huge answer", model=MODEL) is None
     result = cache_service.get_or_call("huge answer", lambda: answer(huge), model=MODEL)
     assert not result.hit and result.response["choices"][0]["message"]["content"] == huge
-    assert list(redis_client.scan_iter(match=f"{store.prefix()}:v1:*")) == []
+    assert entry_keys(redis_client) == []
 
 
 def test_large_compressible_answer_is_stored_compressed(policy, redis_client):
     text = "The same paragraph again and again. " * 30_000  # ~1 MB, compresses to a few KB
     assert cache_service.cache_response("big answer", answer(text), model=MODEL) is True
-    (key,) = list(redis_client.scan_iter(match=f"{store.prefix()}:v1:*"))
+    (key,) = entry_keys(redis_client)
     meta = json.loads(redis_client.hget(key, "m"))
     assert meta["z"] == 1 and meta["n"] < 256 * 1024 < len(text)
     assert cache_service.get_cached_response("big answer", model=MODEL).content == text
@@ -101,33 +117,60 @@ def test_large_compressible_answer_is_stored_compressed(policy, redis_client):
 
 # --- odd Unicode --------------------------------------------------------------------------
 
+# A lone surrogate has no UTF-8 form: it can be keyed (as a JSON escape), but an answer
+# holding one cannot be written as the JSON ragcache stores, so it is refused, not mangled.
+UNSTORABLE = {"lone surrogate", "low surrogate"}
+
+
 @pytest.mark.parametrize("odd", list(ODD.values()), ids=list(ODD))
-def test_odd_unicode_in_prompts_and_answers_round_trips(policy, odd):
+def test_odd_unicode_in_prompts_round_trips(policy, odd):
     prompt = f"question {odd}"
-    for response in (f"answer {odd}", answer(f"answer {odd}"), {"content": odd + "!"}):
+    for response in ("plain answer", answer("an answer"), {"content": "flat answer"}):
         assert cache_service.cache_response(prompt, response, model=MODEL, context_version=repr(response)[:40])
         cached = cache_service.get_cached_response(prompt, model=MODEL, context_version=repr(response)[:40])
         assert cached is not None and cached.response == response
-    # As a list of messages, and as the scope of a per-user policy, too.
+    # As a list of messages, in params and in context_version too.
     messages = [{"role": "system", "content": odd}, {"role": "user", "content": prompt}]
-    assert not cache_service.get_or_call(messages, lambda: answer(odd), model=MODEL).hit
-    assert cache_service.get_or_call(messages, lambda: answer("x"), model=MODEL).response == answer(odd)
+    extra = {"params": {"stop": [odd], odd: odd}, "context_version": {"index": odd}}
+    assert not cache_service.get_or_call(messages, lambda: answer("first"), model=MODEL, **extra).hit
+    assert cache_service.get_or_call(messages, lambda: answer("x"), model=MODEL, **extra).response == answer("first")
+    assert cache_service.get_cached_response(messages, model=MODEL) is None  # the params were keyed
+
+
+@pytest.mark.parametrize("odd", list(ODD.values()), ids=list(ODD))
+def test_odd_unicode_in_answers_round_trips_or_is_refused(policy, redis_client, odd):
+    storable = odd not in {ODD[name] for name in UNSTORABLE}
+    for n, response in enumerate((f"answer {odd}", answer(f"answer {odd}"), {"content": odd + "!"})):
+        assert cache_service.cache_response(f"q{n}", response, model=MODEL) is storable
+        cached = cache_service.get_cached_response(f"q{n}", model=MODEL)
+        if storable:
+            assert cached is not None and cached.response == response
+        else:
+            assert cached is None
+            result = cache_service.get_or_call(f"q{n}", lambda r=response: r, model=MODEL)
+            assert result.response is response and not result.stored  # handed back untouched
+    assert len(entry_keys(redis_client)) == (3 if storable else 0)
+    assert lock_keys(redis_client) == []
 
 
 def test_odd_unicode_scopes_are_isolated(policy_factory):
     policy_factory("per-user", scope="user")
     scopes = list(ODD.values())
-    for scope in scopes:
-        assert cache_service.cache_response("q", f"for {scope}", model=MODEL, policy="per-user", scope=scope)
-    for scope in scopes:
+    for n, scope in enumerate(scopes):
+        assert cache_service.cache_response("q", f"for scope {n}", model=MODEL, policy="per-user", scope=scope)
+    for n, scope in enumerate(scopes):
         assert cache_service.get_cached_response("q", model=MODEL, policy="per-user", scope=scope).content == \
-            f"for {scope}"
+            f"for scope {n}"
 
 
 # --- values JSON cannot hold --------------------------------------------------------------
 
 BAD_RESPONSES = {
+    # A hit must hand back what the call returned: values JSON holds only as another type
+    # (a datetime as a string, a dataclass as an object) are refused, not converted.
     "datetime inside": {"content": "x", "created": datetime(2024, 1, 1)},
+    "date inside": {"content": "x", "day": date(2024, 1, 1)},
+    "dataclass inside": {"content": "x", "point": Point(1, 2)},
     "set inside": {"content": "x", "tags": {"a", "b"}},
     "custom object inside": {"content": "x", "obj": Opaque()},
     "decimal inside": {"content": "x", "score": Decimal("1.5")},
@@ -142,6 +185,21 @@ BAD_RESPONSES = {
     "content not a string": {"content": 42},
     "only whitespace": "  \n\t ",
     "an exception": ValueError("boom"),
+    "lone surrogate in the answer": {"content": "x\ud800y"},
+    # Trust rule 5: numbers no answer can have are refused where they enter.
+    "negative tokens": {"content": "x", "usage": {"prompt_tokens": -5, "completion_tokens": 1}},
+    "fractional tokens": {"content": "x", "usage": {"prompt_tokens": 1.5}},
+    "tokens no column can hold": {"content": "x", "usage": {"prompt_tokens": 10**12, "completion_tokens": 1}},
+    "tokens as text": {"content": "x", "usage": {"prompt_tokens": "12"}},
+    "more cached tokens than sent": {"content": "x", "usage": {"prompt_tokens": 5,
+                                                              "prompt_tokens_details": {"cached_tokens": 9}}},
+    "negative cost": {"content": "x", "cost": "-1"},
+    "NaN cost": {"content": "x", "cost": math.nan},
+    "absurd cost": {"content": "x", "cost": "1e12"},
+    "cost not a number": {"content": "x", "cost": {"usd": 1}},
+    "a truncated second choice": {"choices": [{"message": {"content": "a"}, "finish_reason": "stop"},
+                                              {"message": {"content": "b"}, "finish_reason": "length"}]},
+    "Anthropic max_tokens": {"content": [{"type": "text", "text": "cut"}], "stop_reason": "max_tokens"},
 }
 
 
@@ -149,9 +207,9 @@ BAD_RESPONSES = {
 def test_unstorable_response_is_refused_never_raised(policy, redis_client, response):
     assert cache_service.cache_response("q", response, model=MODEL) is False
     result = cache_service.get_or_call("q", lambda: response, model=MODEL)
-    assert result.response is response and not result.hit  # handed back untouched
-    assert list(redis_client.scan_iter(match=f"{store.prefix()}:v1:*")) == []
-    assert list(redis_client.scan_iter(match=f"{store.prefix()}:lock:*")) == []  # lock released
+    assert result.response is response and not result.hit and not result.stored  # handed back untouched
+    assert entry_keys(redis_client) == []
+    assert lock_keys(redis_client) == []  # lock released
 
 
 def circular() -> dict:
@@ -180,6 +238,9 @@ BAD_REQUESTS = {
     "message content a set": {"messages": [{"role": "user", "content": {"q"}}]},
     "message nested absurdly deep": {"messages": [{"role": "user", "content": deeply_nested()}]},
     "context_version a set": {"context_version": {"v1"}},
+    "context_version nested absurdly deep": {"context_version": deeply_nested()},
+    "context_version circular": {"context_version": circular()},
+    "param keys equal in NFC": {"params": {"caf\u00e9": 1, "cafe\u0301": 2}},
     "model empty": {"model": ""},
     "model not a string": {"model": 4},
     "scope a float": {"policy": "per-user", "scope": 1.5},
@@ -267,8 +328,9 @@ def plant_hash(meta: str | bytes, body: str | bytes):
 
 
 def meta(**fields) -> str:
-    body = {"v": 1, "model": MODEL, "fr": "stop", "pt": 1, "ct": 1, "cost": None, "lat": 1.0, "at": 1.0,
-            "exp": 2.0, "z": 0, "n": 3, **fields}
+    """Entry metadata as ragcache writes it (``v`` first), with ``fields`` replaced."""
+    body = {"v": keys.KEY_SCHEMA_VERSION, "k": "r", "model": MODEL, "fr": "stop", "pt": 1, "cpt": 0, "ct": 1,
+            "uk": 1, "cost": None, "lat": 1.0, "at": 1.0, "exp": 2e10, "z": 0, "n": 3, **fields}
     return json.dumps(body, separators=(",", ":"))
 
 
@@ -278,9 +340,13 @@ FOREIGN = {
     "set": lambda c, k: (c.delete(k), c.sadd(k, "a")),
     "stream": lambda c, k: (c.delete(k), c.xadd(k, {"a": "b"})),
     "older key schema (v 0)": plant_hash('{"v":0,"model":"m","n":3}', '"x"'),
-    "older schema, same shape": plant_hash(meta().replace('"v":1', '"v":0'), '"x"'),
+    "0.1 schema, same shape": plant_hash(meta(v=1), '"x"'),
     "meta not JSON": plant_hash(b"\xff\xfe", '"x"'),
-    "meta nested absurdly deep": plant_hash('{"v":1,"n":3,"x":' + "[" * 100_000 + "]" * 100_000 + "}", '"x"'),
+    "meta JSON cut short": plant_hash(meta()[:-1], '"x"'),
+    "meta nested absurdly deep": plant_hash(f'{{"v":{keys.KEY_SCHEMA_VERSION},"n":3,"x":' + "[" * 100_000
+                                            + "]" * 100_000 + "}", '"x"'),
+    "meta without body": lambda c, k: (c.delete(k), c.hset(k, "m", meta())),
+    "body without meta": lambda c, k: (c.delete(k), c.hset(k, "b", '"x"')),
     "body nested absurdly deep": plant_hash(meta(n=200_000), "[" * 100_000 + "]" * 100_000),
     "body not JSON": plant_hash(meta(), "abc"),
     "body not zlib": plant_hash(meta(z=1), "abc"),
@@ -288,6 +354,17 @@ FOREIGN = {
     "tokens no int can hold": plant_hash(meta(pt=1e999, n=3), '"x"'),
     "time no clock can hold": plant_hash(meta(at=1e20), '"x"'),
     "body length lies": plant_hash(meta(n=99), '"x"'),
+    # Trust rule 5: numbers no answer has, behind a valid schema prefix and length.
+    "negative tokens": plant_hash(meta(pt=-5), '"x"'),
+    "tokens no column can hold": plant_hash(meta(ct=10**12), '"x"'),
+    "fractional tokens": plant_hash(meta(cpt=0.5), '"x"'),
+    "negative cost": plant_hash(meta(cost="-1"), '"x"'),
+    "cost not a decimal string": plant_hash(meta(cost=0.5), '"x"'),
+    "cost NaN": plant_hash(meta(cost="NaN"), '"x"'),
+    "negative latency": plant_hash(meta(lat=-1), '"x"'),
+    "unknown entry kind": plant_hash(meta(k="pickle"), '"x"'),
+    "stream entry without chunks": plant_hash(meta(k="s", n=2), "{}"),
+    "a refused answer planted": plant_hash(meta(n=2), '""'),
 }
 
 
@@ -306,20 +383,33 @@ def test_foreign_bytes_are_a_miss_deleted_and_counted(policy, redis_client, ragc
     assert cache_service.get_or_call("planted", lambda: answer("x"), model=MODEL).response == answer("fresh")
 
 
-def test_absurd_usage_figures_in_an_entry_never_wedge_aggregation(policy, redis_client):
-    """An entry whose metadata claims more tokens or cost than the usage tables can hold
-    (a buggy provider's usage block, or bytes planted in Redis) is served, but its hit
-    event must not make every later aggregation fail."""
+def test_absurd_usage_figures_never_enter_and_never_wedge_aggregation(policy, redis_client, ragcache_log):
+    """A response claiming more tokens or cost than the usage tables can hold (a buggy
+    provider's usage block) is refused where it enters (Trust rule 5; 0.1 stored it). The
+    same figures planted in Redis make a miss, recorded as one, and never make an
+    aggregation fail."""
     huge = {"content": "ok", "usage": {"prompt_tokens": 10**12, "completion_tokens": 10**12}, "cost": "1e12"}
-    assert cache_service.cache_response("absurd", huge, model=MODEL)
-    assert cache_service.get_cached_response("absurd", model=MODEL) is not None  # a hit event with those figures
+    before = sample("ragcache_refusals_total", policy="default", reason="invalid_usage")
+    assert cache_service.cache_response("absurd", huge, model=MODEL) is False
+    assert sample("ragcache_refusals_total", policy="default", reason="invalid_usage") == before + 1
+    assert "invalid_usage" in ragcache_log.text and "prompt_tokens" in ragcache_log.text  # says what was wrong
+    result = cache_service.get_or_call("absurd", lambda: huge, model=MODEL)
+    assert result.response is huge and not result.stored
+    assert entry_keys(redis_client) == []
+
     assert cache_service.cache_response("normal", answer("fine"), model=MODEL)
-    assert cache_service.get_cached_response("normal", model=MODEL) is not None
+    key = cache_service.get_or_call("normal", lambda: answer("x"), model=MODEL).key  # one good hit
+    assert cache_service.cache_response("planted", answer("fine"), model=MODEL)
+    planted = cache_service.get_or_call("planted", lambda: answer("x"), model=MODEL).key  # two good hits
+    redis_client.hset(planted, "m", meta(pt=10**12, ct=10**12, cost="1e12", n=len(redis_client.hget(planted, "b"))))
+    assert cache_service.get_cached_response("planted", model=MODEL) is None  # the script saw a hit; decode did not
+    assert redis_client.exists(planted) == 0 and redis_client.exists(key) == 1
     result = aggregate()
     assert result.backlog == 0 and result.malformed == 0
-    # Both hits count as lookups; the absurd one avoided "nothing we can vouch for".
     hits = sorted(UsageRecord.objects.filter(result="hit").values_list("tokens_avoided", "cost_avoided"))
-    assert hits == [(0, Decimal(0)), (12, Decimal(0))]
+    assert hits == [(12, Decimal(0)), (12, Decimal(0))]
+    assert UsageRecord.objects.filter(result="miss", reason="corrupt", tokens_avoided=0).count() == 1
+    assert UsageRecord.objects.filter(result="refused", reason="invalid_usage").count() == 2
     assert aggregate().ingested == 0  # nothing left behind to fail again
 
 
@@ -331,7 +421,7 @@ ADD_URL = reverse("admin:ragcache_cachepolicy_add")
 def policy_form(**changes):
     data = {"name": "faq", "description": "", "enabled": "on", "mode": "on", "scope": "global",
             "ttl_seconds": "3600", "max_entry_bytes": "262144", "compress_threshold_bytes": "4096",
-            "rollout_percent": "100", "key_params": '["temperature"]'}
+            "rollout_percent": "100", "ignored_params": '["user"]'}
     data.update(changes)
     return data
 
@@ -341,10 +431,12 @@ def policy_form(**changes):
     ({"ttl_seconds": str(-(10**20))}, "ttl_seconds"),
     ({"ttl_seconds": "1e3"}, "ttl_seconds"),
     ({"ttl_seconds": "\x00"}, "ttl_seconds"),
-    ({"key_params": "[" * 10_000}, "key_params"),
-    ({"key_params": json.dumps(["a" * 65])}, "key_params"),
-    ({"key_params": json.dumps([None])}, "key_params"),
-    ({"key_params": json.dumps([["temperature"]])}, "key_params"),
+    ({"ignored_params": "[" * 10_000}, "ignored_params"),
+    ({"ignored_params": json.dumps(["a" * 65])}, "ignored_params"),
+    ({"ignored_params": json.dumps([None])}, "ignored_params"),
+    ({"ignored_params": json.dumps([["user"]])}, "ignored_params"),
+    ({"ignored_params": json.dumps(["user", "user"])}, "ignored_params"),
+    ({"ignored_params": json.dumps({"user": True})}, "ignored_params"),
     ({"name": "x" * 65}, "name"),
     ({"name": "défaut"}, "name"),
     ({"max_entry_bytes": str(10**12)}, "max_entry_bytes"),
@@ -358,12 +450,16 @@ def test_admin_rejects_hostile_policy_values(admin_client, changes, field):
 
 
 @pytest.mark.parametrize("blank", ["", "null"])
-def test_blank_key_params_means_no_params_not_a_500(admin_client, blank):
-    assert admin_client.post(ADD_URL, policy_form(key_params=blank)).status_code == 302
-    assert CachePolicy.objects.get(name="faq").key_params == []
+def test_blank_ignored_params_means_none_not_a_500(admin_client, blank):
+    assert admin_client.post(ADD_URL, policy_form(ignored_params=blank)).status_code == 302
+    assert CachePolicy.objects.get(name="faq").ignored_params == []
     registry.invalidate()
-    assert cache_service.cache_response("q", "a", model=MODEL, policy="faq", params={"temperature": 1})
-    assert cache_service.get_cached_response("q", model=MODEL, policy="faq", params={"temperature": 2}) is not None
+    # No param is ignored: every one enters the key, even "user" and "stream".
+    assert cache_service.cache_response("q", "a", model=MODEL, policy="faq", params={"user": "u1"})
+    assert cache_service.get_cached_response("q", model=MODEL, policy="faq", params={"user": "u1"}) is not None
+    assert cache_service.get_cached_response("q", model=MODEL, policy="faq", params={"user": "u2"}) is None
+    assert cache_service.get_cached_response("q", model=MODEL, policy="faq", params={"user": "u1",
+                                                                                     "stream": True}) is None
 
 
 def test_policy_deleted_while_in_use_bypasses_with_a_warning(admin_client, policy_factory, redis_client, ragcache_log,
@@ -387,6 +483,12 @@ def test_policy_deleted_while_in_use_bypasses_with_a_warning(admin_client, polic
     assert cache_service.cache_response("q", "x", model=MODEL, policy="doomed") is False
     assert cache_service.get_cached_response("q", model=MODEL, policy="doomed") is None
     assert sample("ragcache_lookups_total", policy="unknown", result="bypass") >= before + 3
+    # Every bypass is recorded (Trust 18), under the name "unknown".
+    layout = store.current_layout()
+    bypasses = [fields for stream in layout.streams for _, fields in redis_client.xrange(stream)
+                if fields[b"r"] == b"bypass"]
+    assert len(bypasses) >= 3
+    assert all(f[b"x"] == b"unknown_policy" and f[b"h"].startswith(b"unknown\x1f") for f in bypasses)
     assert "no cache policy named 'doomed'" in ragcache_log.text
     for url in (reverse("admin:ragcache_cachepolicy_changelist"), delete_url,
                 reverse("admin:ragcache_cachepolicy_change", args=[doomed.pk])):

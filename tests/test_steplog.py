@@ -132,6 +132,15 @@ def test_lookup_steps_appear_at_debug(policy, steps_log):
     truncated["choices"][0]["finish_reason"] = "length"
     assert cache_service.cache_response(PROMPT + " again", truncated, model="gpt-4o-mini", policy=policy) is False
     assert [(parse(r)[3]["result"], r.levelname) for r in log.steps(63)] == [("hit", "INFO"), ("refused", "DEBUG")]
+    assert parse(log.steps(63)[1])[3]["reason"] == "truncated"
+    # A bypass is tracked too (0.2 records every bypass, an unknown policy's included).
+    assert cache_service.get_or_call(PROMPT, answer, model="gpt-4o-mini", policy="no-such-policy").hit is False
+    bypass = log.steps(63)[-1]
+    assert (bypass.levelname, parse(bypass)[3]["result"], parse(bypass)[3]["reason"]) == (
+        "DEBUG", "bypass", "unknown_policy")
+    # At DEBUG, step 59 opens each of the three lookups; step 60 (the plan) also precedes the store.
+    assert len(log.steps(59)) == 3 and len(log.steps(60)) == 4
+    assert all(r.levelno == logging.DEBUG for r in log.steps(59) + log.steps(60))
     assert_no_text(log.records)
 
 
