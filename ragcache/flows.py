@@ -802,11 +802,12 @@ def _pass_through(request: Request, plan: Plan, iterator: Any, token: str, stamp
         except ConsumerGone:
             yield from _consumer_gone(plan, token, iterator, may_store)
             return
-        if publishing and data:
+        if publishing:
             published += len(data)
-            if published > cap:
-                # Past max_entry_bytes the answer cannot be stored, and Redis must not hold an
-                # unbounded flight: end it (followers fail over) and go on for our consumer alone.
+            # A chunk that is not JSON cannot be relayed, and past max_entry_bytes the answer
+            # cannot be stored while Redis must not hold an unbounded flight: end the flight
+            # (followers fail over) and go on for our own consumer alone.
+            if not data or published > cap:
                 yield from _release(plan, token, "failed")
                 publishing, token = False, ""
                 continue
@@ -902,6 +903,6 @@ def invalidate_sources(ids: Iterable[str]):
     failed = [reply for reply in replies if isinstance(reply, Exception)]
     if failed:  # a pipeline reports each command's error instead of raising
         raise RedisUnavailable(f"{len(failed)} of {len(replies)} shard deletions failed "
-                               f"({str(failed[0])[:200]}); nothing is sure to be invalidated: retry")
+                               f"({str(failed[0])[:200]}): the invalidation is incomplete; retry it")
     metrics.SOURCE_INVALIDATIONS.inc(len(sources))
     return len(sources)

@@ -483,3 +483,18 @@ def test_a_streams_flight_never_outgrows_max_entry_bytes(policy_factory, redis_c
     assert 0 < published <= 2000
     assert [f[b"s"] for _, f in redis_client.xrange(flights[0]) if b"s" in f] == [b"failed"]  # followers told
     assert entry_keys(redis_client, ragcache_prefix) == [] and lock_keys(redis_client, ragcache_prefix) == []
+
+
+def test_a_chunk_that_cannot_be_relayed_ends_the_flight(default_policy, redis_client, ragcache_prefix):
+    """A follower must never count a stream with a chunk missing as a whole answer."""
+    def chunks():
+        yield {"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": None}]}
+        yield {"choices": [{"index": 0, "delta": {"content": "b"}, "finish_reason": None}], "score": float("nan")}
+        yield {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+
+    assert len(list(cache_service.get_or_stream("nan", chunks, model=MODEL))) == 3
+    (flight,) = redis_client.scan_iter(match=f"{keys.layout(ragcache_prefix).root}:*:f:*")
+    entries = redis_client.xrange(flight)
+    assert [f.get(b"s") for _, f in entries if b"s" in f] == [b"failed"]
+    assert sum(1 for _, f in entries if b"c" in f) == 1  # only the chunk before it
+    assert entry_keys(redis_client, ragcache_prefix) == []
