@@ -29,7 +29,10 @@ async def _client(kind: str = "main") -> Any:
     maps again after a node failed)."""
     client = connection.async_client(kind)
     if connection.cluster_mode():
-        await client.initialize()
+        try:
+            await client.initialize()
+        except redis.exceptions.RedisClusterException as exc:  # no node answered; not a RedisError
+            raise redis.ConnectionError(str(exc)) from exc
     return client
 
 

@@ -204,7 +204,10 @@ def _make_sync(kind: str) -> Any:
     if kind == "bulk":
         socket_timeout = float(config["BULK_SOCKET_TIMEOUT"])
     if config["REDIS_CLUSTER_URL"]:
-        return redis.cluster.RedisCluster.from_url(config["REDIS_CLUSTER_URL"], **_cluster_kwargs(socket_timeout))
+        try:
+            return redis.cluster.RedisCluster.from_url(config["REDIS_CLUSTER_URL"], **_cluster_kwargs(socket_timeout))
+        except redis.exceptions.RedisClusterException as exc:  # no node answered; not a RedisError
+            raise redis.ConnectionError(str(exc)) from exc
     from django_redis import get_redis_connection
 
     main = get_redis_connection(config["CACHE_ALIAS"])

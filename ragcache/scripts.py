@@ -36,6 +36,25 @@ local function event(stream, maxlen, fields)
 end
 """
 
+# Shared Lua: the current stamps ("s1,s2") of the sources "h1,h2" under the shard's stamp key
+# base, each created (value ``new``, ``ttl`` ms) if missing; "-" for one Redis refused to
+# create (full): the write guard then refuses the answer, as it cannot be checked later.
+_STAMPS_LUA = """
+local function stamps_of(base, sources, new, ttl)
+  local stamps = {}
+  if sources == '' then return '' end
+  for h in string.gmatch(sources, '%x+') do
+    local stamp = redis.call('GET', base .. h)
+    if not stamp then
+      redis.pcall('SET', base .. h, new, 'NX', 'PX', ttl)
+      stamp = redis.call('GET', base .. h) or '-'
+    end
+    stamps[#stamps + 1] = stamp
+  end
+  return table.concat(stamps, ',')
+end
+"""
+
 # KEYS: 1 entry, 2 usage stream, 3 policy version copy, 4 lock
 # ARGV: 1 snapshot version, 2 record ("1"/"0"), 3 hit result (hit | shadow_hit), 4 lock ms (0: none),
 #       5 lock token, 6 stream maxlen, 7 event header, 8 waited µs, 9 metadata prefix,
@@ -46,7 +65,7 @@ end
 # (deleted) or evicted stamp makes the entry stale. Anything at the key that ragcache did
 # not write in this schema is deleted and answered as a miss ("corrupt"). On a miss, the
 # stamps of the request's sources are read (and created if missing), for the write guard.
-LOOKUP = Script("lookup", _EVENT_LUA + """
+LOOKUP = Script("lookup", _EVENT_LUA + _STAMPS_LUA + """
 local version = (tonumber(redis.call('GET', KEYS[3]) or '0') or 0)
 if version > tonumber(ARGV[1]) then return {'stale', version} end
 local reason = ''
@@ -86,24 +105,14 @@ if tonumber(ARGV[4]) > 0 then
     if leader then return {'follower', version, leader} end
   end
 end
-local stamps = {}
-if ARGV[11] ~= '' then
-  for h in string.gmatch(ARGV[11], '%x+') do
-    local stamp = redis.call('GET', ARGV[10] .. h)
-    if not stamp then
-      redis.pcall('SET', ARGV[10] .. h, ARGV[12], 'NX', 'PX', ARGV[13])
-      stamp = redis.call('GET', ARGV[10] .. h) or '-'
-    end
-    stamps[#stamps + 1] = stamp
-  end
-end
+local stamps = stamps_of(ARGV[10], ARGV[11], ARGV[12], ARGV[13])
 local lost = 0
 if ARGV[2] == '1' then
   local result = 'miss'
   if reason == 'stale_source' then result = 'stale_source' end
   if not event(KEYS[2], ARGV[6], {'r', result, 'h', ARGV[7], 'w', ARGV[8], 'x', reason}) then lost = 1 end
 end
-return {status, version, reason, lost, table.concat(stamps, ',')}
+return {status, version, reason, lost, stamps}
 """)
 
 # Release a single-flight lock we own and tell the leader's followers how the flight ended.
@@ -221,6 +230,14 @@ end
 return {tonumber(redis.call('GET', KEYS[2]) or '0') or 0, lost}
 """)
 
+# KEYS: 1 the shard's policy version copy (names the shard's slot; not read)
+# ARGV: 1 stamp key base, 2 sources ("h1,h2"), 3 new stamp value, 4 stamp ttl ms
+# Reply: the stamps ("s1,s2"). For the write guard of a call whose lookup did not read them
+# (a refresh, a shadow hit, a follower that calls the LLM itself after its leader let go).
+STAMPS = Script("stamps", _STAMPS_LUA + """
+return stamps_of(ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+""")
+
 # KEYS: the keys to delete (one slot). An entry found unreadable; a source's stamps.
 DELETE = Script("delete", """
 for i = 1, #KEYS do redis.call('UNLINK', KEYS[i]) end
@@ -240,4 +257,4 @@ if tonumber(ARGV[2]) > 0 then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return redis.call('DEL', KEYS[1])
 """)
 
-ALL = (LOOKUP, STORE, RELEASE, PUBLISH, EVENT, DELETE, ANNOUNCE, LOCK)
+ALL = (LOOKUP, STORE, RELEASE, PUBLISH, EVENT, STAMPS, DELETE, ANNOUNCE, LOCK)
