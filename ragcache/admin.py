@@ -78,6 +78,12 @@ class CachePolicyAdmin(admin.ModelAdmin):
         self.message_user(request, f"{'Enabled' if enabled else 'Disabled'} {queryset.count()} polic(y/ies).",
                           messages.SUCCESS)
 
+    def get_urls(self):
+        from .admin_sources import invalidate_sources_view
+
+        view = self.admin_site.admin_view(lambda request: invalidate_sources_view(self, request))
+        return [path("invalidate-sources/", view, name="ragcache_invalidate_sources"), *super().get_urls()]
+
 
 @admin.register(CacheFlags)
 class CacheFlagsAdmin(admin.ModelAdmin):

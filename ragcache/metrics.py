@@ -61,6 +61,14 @@ REDIS_ERRORS = Counter(
     ["kind"],
 )
 SOURCE_INVALIDATIONS = Counter("ragcache_source_invalidations", "Source ids invalidated (invalidate_sources).")
+SOURCE_INVALIDATIONS_DEFERRED = Counter(
+    "ragcache_source_invalidations_deferred",
+    "Source ids whose invalidation after a commit failed (Redis unavailable) and waits for a retry (ragcache.sources).",
+)
+SOURCE_INVALIDATIONS_DROPPED = Counter(
+    "ragcache_source_invalidations_dropped",
+    "Deferred source invalidations given up (the process exited, or its retry queue overflowed): see the ERROR log.",
+)
 CORRUPT_ENTRIES = Counter(
     "ragcache_corrupt_entries", "Unreadable or foreign entries found at ragcache keys (deleted, served as misses).",
     ["policy"],

@@ -31,7 +31,8 @@ def positive_int(value: str) -> int:
 
 COLUMNS = (
     ("policy", "policy"), ("model", "model"), ("lookups", "lookups"), ("hits", "hits"), ("misses", "misses"),
-    ("hit rate", "hit_rate"), ("shadow hits", "shadow_hits"), ("stores", "stores"), ("refusals", "refusals"),
+    ("hit rate", "hit_rate"), ("shadow hits", "shadow_hits"), ("stale sources", "stale_sources"), ("stores", "stores"),
+    ("refusals", "refusals"),
     ("bypasses", "bypasses"), ("tokens avoided", "tokens_avoided"), ("cost avoided", "cost_avoided"),
     ("latency avoided (s)", "latency_avoided_s"),
 )
