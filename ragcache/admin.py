@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db import models
@@ -10,7 +11,7 @@ from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils.html import format_html
 
-from . import store
+from . import admin_policy, store
 from .conf import get_config
 from .models import CacheFlags, CachePolicy, ModelPrice, UsageRecord, UsageRollup
 from .reports import build_report, chart
@@ -26,21 +27,53 @@ class _BoundedJSONDecoder(json.JSONDecoder):
             raise json.JSONDecodeError("nested too deeply", s, 0) from None
 
 
+class _PolicyListForm(forms.ModelForm):
+    """The list's editable row: mode and scope by their short names, so the row fits."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in ("mode", "scope"):
+            if name in self.fields:
+                self.fields[name].choices = [(value, value or label) for value, label in self.fields[name].choices]
+
+
 @admin.register(CachePolicy)
 class CachePolicyAdmin(admin.ModelAdmin):
     formfield_overrides = {models.JSONField: {"decoder": _BoundedJSONDecoder}}
-    list_display = ("name", "enabled", "mode", "ttl_seconds", "scope", "rollout_percent", "generation", "updated_at")
+    list_display = ("name", "enabled", "mode", "ttl_seconds", "ttl_human", "scope", "rollout_percent", "generation",
+                    "updated_at")
     list_editable = ("enabled", "mode", "ttl_seconds", "scope", "rollout_percent")
     list_filter = ("enabled", "mode", "scope")
     search_fields = ("name", "description")
-    readonly_fields = ("generation", "key_recipe", "created_at", "updated_at")
+    readonly_fields = ("generation", "key_recipe", "ttl_human", "stored_entries", "created_at", "updated_at")
     actions = ("purge_entries", "enable_policies", "disable_policies")
     fieldsets = (
         (None, {"fields": ("name", "description", "enabled", "mode", "scope")}),
-        ("Entries", {"fields": ("ttl_seconds", "max_entry_bytes", "compress_threshold_bytes", "rollout_percent")}),
+        ("Entries", {"fields": (("ttl_seconds", "ttl_human"), "stored_entries", "max_entry_bytes",
+                                "compress_threshold_bytes", "rollout_percent", "replay_chunk_delay_ms")}),
         ("Key", {"fields": ("ignored_params", "normalize_query", "key_recipe", "generation")}),
         (None, {"fields": ("created_at", "updated_at")}),
     )
+
+    def get_changelist_form(self, request, **kwargs):
+        return super().get_changelist_form(request, **{"form": _PolicyListForm, **kwargs})
+
+    @admin.display(description="TTL")
+    def ttl_human(self, obj: CachePolicy) -> str:
+        return admin_policy.human_duration(obj.ttl_seconds) if obj.ttl_seconds else "-"
+
+    @admin.display(description="stored entries")
+    def stored_entries(self, obj: CachePolicy) -> str:
+        """A bounded count, taken at most once a minute (admin_policy.census)."""
+        if obj.pk is None:
+            return "-"
+        try:
+            found = admin_policy.census(obj)
+        except store.RedisUnavailable:
+            return "unknown: Redis is not answering"
+        return (f"{found.describe()}, generation {obj.generation} (counted at "
+                f"{datetime.fromtimestamp(found.taken_at, UTC):%H:%M:%S} UTC; recounted after a minute). Entries "
+                "of earlier generations are unreachable and only wait to expire.")
 
     @admin.display(description="key recipe")
     def key_recipe(self, obj: CachePolicy) -> str:
@@ -58,9 +91,7 @@ class CachePolicyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Purge entries (bump generation)", permissions=["change"])
     def purge_entries(self, request, queryset):
-        for policy in queryset:
-            policy.purge()
-        self.message_user(request, f"Purged {queryset.count()} polic(y/ies): old entries are unreachable and expire.")
+        self.message_user(request, admin_policy.purge_message(admin_policy.purge(queryset)), messages.SUCCESS)
 
     @admin.action(description="Enable selected policies", permissions=["change"])
     def enable_policies(self, request, queryset):
@@ -75,14 +106,45 @@ class CachePolicyAdmin(admin.ModelAdmin):
         for policy in queryset:
             policy.enabled = enabled
             policy.save(update_fields=["enabled", "updated_at"])
-        self.message_user(request, f"{'Enabled' if enabled else 'Disabled'} {queryset.count()} polic(y/ies).",
+        names = ", ".join(f'"{policy.name}"' for policy in queryset)
+        self.message_user(request, f"{'Enabled' if enabled else 'Disabled'} "
+                                   f"{admin_policy.plural(len(queryset), 'policy', 'policies')}: {names}.",
                           messages.SUCCESS)
+
+    def save_model(self, request, obj, form, change) -> None:
+        before = CachePolicy.objects.filter(pk=obj.pk).values_list("ttl_seconds", flat=True).first() if change else None
+        super().save_model(request, obj, form, change)
+        if before and obj.ttl_seconds < before:
+            self.message_user(request, (
+                f'The TTL of "{obj.name}" went down from {admin_policy.human_duration(before)} to '
+                f"{admin_policy.human_duration(obj.ttl_seconds)}. Entries already stored keep the expiry they were "
+                "stored with (up to the old TTL); purge the policy to drop them now."), messages.WARNING)
+
+    # "default" is never deleted by accident: the change page hides its delete link, and the
+    # delete view and the bulk action say why instead.
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return super().has_delete_permission(request, obj) and (obj is None or obj.name != admin_policy.DEFAULT_POLICY)
+
+    def delete_view(self, request, object_id, extra_context=None):
+        return admin_policy.refuse_default_delete(self, request, object_id) or \
+            super().delete_view(request, object_id, extra_context)
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        if "delete_selected" in actions:
+            action = admin_policy.delete_selected_keeping_default
+            actions["delete_selected"] = (action, "delete_selected", action.short_description)
+        return actions
 
     def get_urls(self):
         from .admin_sources import invalidate_sources_view
 
-        view = self.admin_site.admin_view(lambda request: invalidate_sources_view(self, request))
-        return [path("invalidate-sources/", view, name="ragcache_invalidate_sources"), *super().get_urls()]
+        def wrap(view):
+            return self.admin_site.admin_view(lambda request, **kwargs: view(self, request, **kwargs))
+
+        return [path("invalidate-sources/", wrap(invalidate_sources_view), name="ragcache_invalidate_sources"),
+                path("<path:object_id>/purge/", wrap(admin_policy.purge_view), name="ragcache_cachepolicy_purge"),
+                *super().get_urls()]
 
 
 @admin.register(CacheFlags)

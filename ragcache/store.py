@@ -179,20 +179,38 @@ def scan_delete(pattern: str, keep: str | None = None) -> int:
     return guarded(scan)
 
 
-def count_keys(pattern: str, limit: int) -> tuple[int, int, bool]:
+def count_keys(pattern: str, limit: int, max_scanned: int | None = None) -> tuple[int, int, bool]:
     """(keys, bytes of their memory, complete) for at most ``limit`` keys matching
-    ``pattern`` over every master: a bounded sample for the admin, never a full scan."""
+    ``pattern`` over every master: a bounded sample for the admin, never a full scan.
+    ``max_scanned`` also bounds, per master, the keys SCAN walks through (matching or
+    not, in steps of 1,000), so a large database costs no more than a small one.
+    ``complete`` is False when either bound stopped the count."""
 
     def sample() -> tuple[int, int, bool]:
-        seen, size = 0, 0
+        seen, size, complete = 0, 0, True
         for node in _masters(connection.client("bulk")):
-            for batch in _scan(node, pattern):
-                for key in batch:
-                    if seen >= limit:
-                        return seen, size, False
-                    seen += 1
-                    size += node.memory_usage(key, samples=0) or 0
-        return seen, size, True
+            cursor, walked = 0, 0
+            while True:
+                cursor, found = node.scan(cursor=cursor, match=pattern, count=1000)
+                walked += 1000
+                batch = found[: max(0, limit - seen)]
+                if len(batch) < len(found):
+                    complete = False
+                if batch:  # MEMORY USAGE of a batch in one round trip
+                    pipe = node.pipeline(transaction=False)
+                    for key in batch:
+                        pipe.memory_usage(key, samples=0)
+                    sizes = pipe.execute()
+                    seen += len(batch)
+                    size += sum(int(n or 0) for n in sizes)
+                if int(cursor) == 0 or not complete:
+                    break
+                if seen >= limit or (max_scanned is not None and walked >= max_scanned):
+                    complete = False
+                    break
+            if not complete:
+                break
+        return seen, size, complete
 
     return guarded(sample)
 

@@ -421,7 +421,7 @@ ADD_URL = reverse("admin:ragcache_cachepolicy_add")
 def policy_form(**changes):
     data = {"name": "faq", "description": "", "enabled": "on", "mode": "on", "scope": "global",
             "ttl_seconds": "3600", "max_entry_bytes": "262144", "compress_threshold_bytes": "4096",
-            "rollout_percent": "100", "ignored_params": '["user"]'}
+            "rollout_percent": "100", "replay_chunk_delay_ms": "0", "ignored_params": '["user"]'}
     data.update(changes)
     return data
 

@@ -1,0 +1,151 @@
+"""The cache policy page's extras: what a policy holds in Redis (a bounded, cached count),
+the purge button, sentence-like messages, and why ``default`` is not deleted.
+
+Counting entries never walks the whole database on page load: ``store.count_keys`` stops
+after ``CENSUS_LIMIT`` entries or ``CENSUS_MAX_SCANNED`` keys walked per Redis master,
+and the result is kept for ``CENSUS_MAX_AGE`` seconds per policy generation in this
+process. An incomplete count says "at least".
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied
+from django.http import HttpResponseNotAllowed, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.urls import reverse
+
+from . import store
+from .models import CachePolicy, human_duration
+
+CENSUS_LIMIT = 10_000  # entries counted (and their MEMORY USAGE read) at most
+CENSUS_MAX_SCANNED = 200_000  # keys SCAN walks through at most, per master
+CENSUS_MAX_AGE = 60.0  # seconds a count is shown before it is taken again
+DEFAULT_POLICY = "default"
+DEFAULT_KEPT = (
+    'The "default" policy cannot be deleted: every call made without policy= uses it, and migrate would '
+    "create it again at once (with a new generation, so its entries would be lost anyway). To stop caching "
+    'with it, untick "enabled" or set its mode to off; to drop its entries, purge it.'
+)
+
+
+def plural(count: int, singular: str, plural_form: str | None = None) -> str:
+    """``plural(1, "policy", "policies")`` -> ``"1 policy"``; ``2`` -> ``"2 policies"``."""
+    return f"{count:,} {singular if count == 1 else (plural_form or singular + 's')}"
+
+
+def human_bytes(size: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} bytes"  # not reached
+
+
+# --- how many entries a policy holds -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Census:
+    entries: int
+    memory: int  # bytes, from MEMORY USAGE
+    complete: bool
+    taken_at: float  # time.time()
+
+    def describe(self) -> str:
+        if self.complete:
+            return f"{plural(self.entries, 'entry', 'entries')}, about {human_bytes(self.memory)} in Redis"
+        return (f"at least {plural(self.entries, 'entry', 'entries')}, at least {human_bytes(self.memory)} in "
+                f"Redis (the count stops after {CENSUS_LIMIT:,} entries or {CENSUS_MAX_SCANNED:,} keys walked, "
+                "so that this page never scans a whole database)")
+
+
+_census: dict[tuple[str, str, int], Census] = {}
+_census_lock = threading.Lock()
+
+
+def census(policy: CachePolicy) -> Census:
+    """Entries of ``policy``'s current generation: counted at most once a minute per
+    process; raises ``store.RedisUnavailable``."""
+    root = store.current_layout().root
+    key = (root, policy.name, policy.generation)
+    now = time.time()
+    with _census_lock:
+        found = _census.get(key)
+    if found is not None and now - found.taken_at < CENSUS_MAX_AGE:
+        return found
+    pattern = f"{root}:{{*}}:e:{policy.name}:{policy.generation}:*"
+    entries, memory, complete = store.count_keys(pattern, CENSUS_LIMIT, max_scanned=CENSUS_MAX_SCANNED)
+    result = Census(entries, memory, complete, now)
+    with _census_lock:
+        if len(_census) > 1000:  # bounded: names and generations only ever grow
+            _census.clear()
+        _census[key] = result
+    return result
+
+
+def forget_census(policy: CachePolicy) -> None:
+    with _census_lock:
+        for key in [k for k in _census if k[1] == policy.name]:
+            del _census[key]
+
+
+# --- purge ---------------------------------------------------------------------------------
+
+def purge(policies) -> list[tuple[CachePolicy, int, int]]:
+    """Purge each policy; returns (policy, old generation, new generation) for each."""
+    done = []
+    for policy in policies:
+        old = policy.generation
+        done.append((policy, old, policy.purge()))
+        forget_census(policy)
+    return done
+
+
+def purge_message(done: list[tuple[CachePolicy, int, int]]) -> str:
+    """``Purged 2 policies: default (generation 5 -> 9), faq (generation 6 -> 10). ...``"""
+    listed = ", ".join(f'"{policy.name}" (generation {old} \u2192 {new})' for policy, old, new in done)
+    longest = max((policy.ttl_seconds for policy, _, _ in done), default=0)
+    return (f"Purged {plural(len(done), 'policy', 'policies')}: {listed}. Their old entries are unreachable from "
+            f"now on, in every process, and expire on their TTL (at most {human_duration(longest)}).")
+
+
+def purge_view(model_admin, request, object_id: str):
+    """POST only: purge one policy (the change page's "Purge entries" button)."""
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["POST"])
+    policy = get_object_or_404(CachePolicy, pk=object_id)
+    if not model_admin.has_change_permission(request, policy):
+        raise PermissionDenied
+    model_admin.message_user(request, purge_message(purge([policy])), messages.SUCCESS)
+    return HttpResponseRedirect(reverse("admin:ragcache_cachepolicy_change", args=[policy.pk]))
+
+
+# --- default is kept -------------------------------------------------------------------------
+
+def refuse_default_delete(model_admin, request, object_id: str):
+    """The delete view of ``default``: a redirect to its page, saying why; else None."""
+    policy = CachePolicy.objects.filter(pk=object_id).only("pk", "name").first() if str(object_id).isdigit() else None
+    if policy is None or policy.name != DEFAULT_POLICY:
+        return None
+    model_admin.message_user(request, DEFAULT_KEPT, messages.ERROR)
+    return HttpResponseRedirect(reverse("admin:ragcache_cachepolicy_change", args=[policy.pk]))
+
+
+def delete_selected_keeping_default(model_admin, request, queryset):
+    """The list's "Delete selected" action, refused (with the reason) when ``default`` is selected."""
+    from django.contrib.admin.actions import delete_selected
+
+    if queryset.filter(name=DEFAULT_POLICY).exists():
+        model_admin.message_user(request, "Nothing was deleted. " + DEFAULT_KEPT + " Select the other policies "
+                                 "without it to delete them.", messages.ERROR)
+        return None
+    return delete_selected(model_admin, request, queryset)
+
+
+delete_selected_keeping_default.short_description = "Delete selected cache policies"
+delete_selected_keeping_default.allowed_permissions = ("delete",)
