@@ -137,12 +137,14 @@ class CachePolicyAdmin(admin.ModelAdmin):
         return actions
 
     def get_urls(self):
+        from .admin_explain import explain_view
         from .admin_sources import invalidate_sources_view
 
         def wrap(view):
             return self.admin_site.admin_view(lambda request, **kwargs: view(self, request, **kwargs))
 
         return [path("invalidate-sources/", wrap(invalidate_sources_view), name="ragcache_invalidate_sources"),
+                path("explain/", wrap(explain_view), name="ragcache_cachepolicy_explain"),
                 path("<path:object_id>/purge/", wrap(admin_policy.purge_view), name="ragcache_cachepolicy_purge"),
                 *super().get_urls()]
 
