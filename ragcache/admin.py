@@ -5,16 +5,15 @@ from datetime import UTC, datetime
 
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
 from django.db import models
 from django.template.response import TemplateResponse
 from django.urls import path
+from django.utils import timezone
 from django.utils.html import format_html
 
-from . import admin_policy, store
-from .conf import get_config
+from . import admin_policy, admin_report, store
+from .admin_report import ReasonFilter
 from .models import CacheFlags, CachePolicy, ModelPrice, UsageRecord, UsageRollup
-from .reports import build_report, chart
 
 
 class _BoundedJSONDecoder(json.JSONDecoder):
@@ -184,9 +183,22 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(UsageRecord)
 class UsageRecordAdmin(ReadOnlyAdmin):
-    list_display = ("ts", "policy", "result", "model", "reason", "tokens_avoided", "cost_avoided", "latency_avoided_ms")
-    list_filter = ("result", "policy", "model", "reason")
+    list_display = ("when", "policy", "result", "reason", "model", "key", "tokens_avoided", "cost_avoided",
+                    "latency_avoided_s")
+    list_filter = ("result", "policy", "model", ReasonFilter)
     date_hierarchy = "ts"
+
+    @admin.display(description="time", ordering="ts")
+    def when(self, obj: UsageRecord) -> str:
+        return f"{timezone.localtime(obj.ts):%Y-%m-%d %H:%M:%S}"
+
+    @admin.display(description="key", ordering="key_hash")
+    def key(self, obj: UsageRecord) -> str:
+        return obj.key_hash or "-"  # the short key id, as in logs and the X-Ragcache-Key header
+
+    @admin.display(description="latency avoided (s)", ordering="latency_avoided_ms")
+    def latency_avoided_s(self, obj: UsageRecord) -> str:
+        return f"{obj.latency_avoided_ms / 1000:.3f}"
 
 
 @admin.register(UsageRollup)
@@ -201,31 +213,9 @@ class UsageRollupAdmin(ReadOnlyAdmin):
         return f"{obj.hit_rate:.1%}"
 
     def get_urls(self):
-        report = path("report/", self.admin_site.admin_view(self.report_view), name="ragcache_usagerollup_report")
-        return [report, *super().get_urls()]
+        def wrap(view):
+            return self.admin_site.admin_view(lambda request: view(self, request))
 
-    def report_view(self, request):
-        """Last 24 h and 7 days per policy and model, with a server-drawn chart."""
-        if not self.has_view_permission(request):
-            raise PermissionDenied
-        sections = []
-        for label, hours in (("Last 24 hours", 24), ("Last 7 days", 7 * 24)):
-            report = build_report(hours=hours)
-            rows = [dict(row.as_dict(), hit_rate_pct=f"{row.hit_rate:.1%}") for row in report.rows]
-            totals = dict(report.totals.as_dict(), hit_rate_pct=f"{report.totals.hit_rate:.1%}")
-            sections.append({"label": label, "report": report, "rows": rows, "totals": totals,
-                             "chart": chart(report.series, report.step)})
-        try:
-            backlog, last = store.backlog(), store.last_aggregation()
-        except store.RedisUnavailable:
-            backlog, last = None, None  # the page still shows the database figures
-        context = {
-            **self.admin_site.each_context(request),
-            "title": "RAG cache usage report",
-            "opts": self.model._meta,
-            "sections": sections,
-            "backlog": backlog,
-            "backlog_max": get_config()["STREAM_MAXLEN"],
-            "last_aggregation": datetime.fromtimestamp(last, UTC) if last else None,
-        }
-        return TemplateResponse(request, "admin/ragcache/usage_report.html", context)
+        return [path("report/", wrap(admin_report.report_view), name="ragcache_usagerollup_report"),
+                path("report/aggregate/", wrap(admin_report.aggregate_view), name="ragcache_usagerollup_aggregate"),
+                *super().get_urls()]

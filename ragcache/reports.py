@@ -172,7 +172,11 @@ def _buckets(since: datetime, until: datetime, step: str) -> list[datetime]:
 @dataclass
 class Chart:
     """Geometry of an inline SVG line chart: hit rate (left axis, 0-100 %) and cost
-    avoided (right axis, 0-max) per series point. Drawn server-side: no JavaScript."""
+    avoided (right axis, 0-max) per series point. Drawn server-side: no JavaScript.
+
+    A period without lookups has no hit rate: it is a gap between ``segments`` (each a
+    run of periods with lookups), never a 0 % point, so quiet hours draw no false ramp.
+    ``hit_rate_points`` / ``cost_points`` join every drawn point, for tests and tools."""
 
     width: int
     height: int
@@ -180,28 +184,59 @@ class Chart:
     right: int
     top: int
     bottom: int
-    hit_rate_points: str
-    cost_points: str
+    segments: list[ChartSegment]
     max_cost: Decimal
     x_labels: list[tuple[float, str]]
     empty: bool
+    gaps: int  # periods without lookups
+
+    @property
+    def hit_rate_points(self) -> str:
+        return " ".join(segment.hit_rate_points for segment in self.segments)
+
+    @property
+    def cost_points(self) -> str:
+        return " ".join(segment.cost_points for segment in self.segments)
+
+
+@dataclass
+class ChartSegment:
+    """A run of consecutive periods with lookups; ``dots`` (x, y hit rate, y cost) mark
+    each point, so a run of one period is visible too."""
+
+    hit_rate_points: str
+    cost_points: str
+    dots: list[tuple[str, str, str]]
 
 
 def chart(series: list[SeriesPoint], step: str = "hour", width: int = 720, height: int = 220) -> Chart:
     left, right, top, bottom = 44, width - 64, 12, height - 28
     max_cost = max((point.cost_avoided for point in series), default=Decimal(0))
     n = len(series)
-    hit_rate, cost, labels = [], [], []
+    labels: list[tuple[float, str]] = []
+    segments: list[ChartSegment] = []
+    run: list[tuple[str, str, str]] = []
     every = max(1, n // 8)  # at most ~8 x-axis labels
+
+    def close_run() -> None:
+        if run:
+            segments.append(ChartSegment(" ".join(f"{x},{y}" for x, y, _ in run),
+                                         " ".join(f"{x},{c}" for x, _, c in run), list(run)))
+            run.clear()
+
     for i, point in enumerate(series):
         x = left + (right - left) * (i / (n - 1) if n > 1 else 0.5)
-        hit_rate.append(f"{x:.1f},{bottom - (bottom - top) * point.hit_rate:.1f}")
-        share = float(point.cost_avoided / max_cost) if max_cost else 0.0
-        cost.append(f"{x:.1f},{bottom - (bottom - top) * share:.1f}")
         if i % every == 0:
             labels.append((round(x, 1), point.start.strftime("%H:%M" if step == "hour" else "%m-%d")))
+        if not point.lookups:
+            close_run()
+            continue
+        share = float(point.cost_avoided / max_cost) if max_cost else 0.0
+        run.append((f"{x:.1f}", f"{bottom - (bottom - top) * point.hit_rate:.1f}",
+                    f"{bottom - (bottom - top) * share:.1f}"))
+    close_run()
     return Chart(
-        width=width, height=height, left=left, right=right, top=top, bottom=bottom,
-        hit_rate_points=" ".join(hit_rate), cost_points=" ".join(cost), max_cost=max_cost,
-        x_labels=labels, empty=not any(point.lookups or point.cost_avoided for point in series),
+        width=width, height=height, left=left, right=right, top=top, bottom=bottom, segments=segments,
+        max_cost=max_cost, x_labels=labels, empty=not any(point.lookups or point.cost_avoided for point in series),
+        gaps=sum(1 for point in series if not point.lookups),
     )

@@ -11,8 +11,7 @@ from django.contrib.auth.models import Permission, User
 from django.urls import reverse
 from django.utils import timezone
 
-from ragcache.models import UsageRecord, UsageRollup
-from ragcache.reports import window_start
+from ragcache.models import ModelPrice, UsageRecord, UsageRollup
 from ragcache.usage import UsageEvent, usage_tracker
 
 from .conftest import free_port
@@ -64,11 +63,13 @@ def test_report_page_shows_both_windows_chart_and_backlog(client, rollups):
         assert 'class="hit-rate"' in svg and 'class="cost-avoided"' in svg
         assert re.search(r'class="hit-rate"[^>]*points="(\d+\.\d,\d+\.\d ?)+"', svg)
         assert "<script" not in part and "https://" not in part  # drawn by the server, nothing fetched
-    # 24 hourly points in the day chart; one point per calendar day the 168 hours touch in the week chart.
-    days = (timezone.now().date() - window_start(7 * 24).date()).days + 1
-    assert days in (7, 8)
-    assert len(re.search(r'class="hit-rate"[^>]*points="([^"]*)"', day).group(1).split()) == 24
-    assert len(re.search(r'class="hit-rate"[^>]*points="([^"]*)"', week).group(1).split()) == days
+    # Only periods with lookups are drawn: one hour of the day chart; two days (today, 3 days ago) of the week's,
+    # apart (a gap between them, never a 0 % ramp).
+    assert re.findall(r'class="hit-rate"[^>]*points="([^"]*)"', day) == [re.search(
+        r'class="hit-rate"[^>]*points="([^"]*)"', day).group(1)]
+    assert len(re.findall(r'class="hit-rate"[^>]*points="([^"]*)"', week)) == 2
+    assert len(re.findall(r'class="hit-rate-dot"', week)) == 2
+    assert "gaps: hours without lookups" in day
 
     backlog = re.search(r'<p id="ragcache-backlog">(.*?)</p>', html, re.S).group(1)
     assert "<strong>3</strong> events in Redis not yet aggregated" in backlog
@@ -120,3 +121,87 @@ def test_usage_lists_are_read_only_with_filters(client, db):
     detail = client.get(f"/admin/ragcache/usagerecord/{record.pk}/change/")
     assert detail.status_code == 200 and 'name="_save"' not in detail.content.decode()
     assert client.get("/admin/ragcache/modelprice/add/").status_code == 200
+
+
+def test_report_chart_leaves_quiet_hours_as_gaps(client, db):
+    """Traffic at -5 h, -4 h and -1 h: two runs (two polylines), the quiet hours between them
+    are no points at all, and the hours after the first run are not drawn at 0 %."""
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    for back, hits in ((5, 1), (4, 2), (1, 4)):
+        UsageRollup.objects.create(period_start=hour - timedelta(hours=back), granularity="hour", policy="faq",
+                                   model="m", lookups=4, hits=hits, misses=4 - hits)
+    client.force_login(staff("viewer", "view_usagerollup"))
+    day = section(client.get(REPORT_URL).content.decode(), "Last 24 hours")
+    runs = [points.split() for points in re.findall(r'class="hit-rate"[^>]*points="([^"]*)"', day)]
+    assert [len(run) for run in runs] == [2, 1]
+    # 25 %, 50 %, 100 % (SVG y grows downwards: 0 % is y=192, 100 % y=12); nothing at 0 %.
+    assert [float(point.split(",")[1]) for run in runs for point in run] == [147.0, 102.0, 12.0]
+
+
+def test_report_costs_carry_the_currency_and_name_unpriced_models(client, rollups):
+    ModelPrice.objects.create(model="gpt-4o-mini", input_per_1k="0.00015", output_per_1k="0.0006", currency="EUR")
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    UsageRollup.objects.create(period_start=hour, granularity="hour", policy="faq", model="local-llm", lookups=2,
+                               hits=1, misses=1, latency_avoided_ms=12345.0)
+    client.force_login(staff("viewer", "view_usagerollup"))
+    html = client.get(REPORT_URL).content.decode()
+    day = section(html, "Last 24 hours")
+    rows = {cells[1]: cells for cells in (re.findall(r"<td[^>]*>([^<]*)</td>", row)
+                                          for row in re.findall(r"<tr>(.*?)</tr>", day, re.S)) if cells}
+    assert rows["gpt-4o-mini"][12] == "1.875000 EUR"
+    assert rows["local-llm"][12] == "0.000000"
+    assert rows["local-llm"][13] == "12.3"  # seconds, as ragcache_report prints them
+    assert "Latency avoided (s)" in day
+    assert "No price for local-llm" in day and reverse("admin:ragcache_modelprice_add") in day
+    ModelPrice.objects.create(model="local-llm", input_per_1k="0", output_per_1k="0", currency="USD")
+    day = section(client.get(REPORT_URL).content.decode(), "Last 24 hours")
+    total = re.findall(r"<td[^>]*>([^<]*)</td>", re.search(r'<tr class="total">(.*?)</tr>', day, re.S).group(1))
+    assert total[12] == "1.875000 (mixed currencies)"
+
+
+def test_aggregate_now_button(client, policy_factory):
+    policy_factory("default")
+    from ragcache.services import cache_service
+
+    cache_service.cache_response("q", "x", model="m")
+    assert cache_service.get_cached_response("q", model="m") is not None
+    client.force_login(staff("viewer", "view_usagerollup"))
+    page = client.get(REPORT_URL).content.decode()
+    url = reverse("admin:ragcache_usagerollup_aggregate")
+    assert f'action="{url}"' in page and 'id="ragcache-aggregate"' in page
+    assert client.get(url).status_code == 405
+    response = client.post(url)
+    assert response.status_code == 302 and response["Location"] == REPORT_URL
+    assert [str(m) for m in response.wsgi_request._messages][-1].startswith("Aggregated 2 events in ")
+    assert UsageRollup.objects.filter(granularity="hour").values_list("hits", "stores").get() == (1, 1)
+    client.logout()
+    assert client.post(url).status_code == 302  # to the login page: staff only
+    client.force_login(staff("editor", "view_cachepolicy"))
+    assert client.post(url).status_code == 403
+
+
+def test_aggregate_now_when_redis_is_down(client, db, settings):
+    caches = {**settings.CACHES}
+    caches["ragcache"] = {**caches["ragcache"], "LOCATION": f"redis://127.0.0.1:{free_port()}/0"}
+    settings.CACHES = caches
+    client.force_login(staff("viewer", "view_usagerollup"))
+    response = client.post(reverse("admin:ragcache_usagerollup_aggregate"))
+    assert response.status_code == 302
+    assert "Redis is not answering: nothing was aggregated" in str(list(response.wsgi_request._messages)[-1])
+
+
+def test_usage_records_show_seconds_the_short_key_and_only_occurring_reasons(client, db):
+    when = timezone.now().replace(microsecond=0)
+    UsageRecord.objects.create(event_id="1-0", ts=when, policy="faq", result="bypass", reason="kill_switch",
+                               key_hash="0123456789abcdef", latency_avoided_ms=1500)
+    UsageRecord.objects.create(event_id="1-1", ts=when, policy="faq", result="hit", key_hash="fedcba9876543210")
+    client.force_login(User.objects.create_superuser("root", password="x"))
+    page = client.get("/admin/ragcache/usagerecord/").content.decode()
+    assert f"{timezone.localtime(when):%Y-%m-%d %H:%M:%S}" in page
+    assert "0123456789abcdef" in page and "1.500" in page
+    reasons = re.search(r"By reason.*?</ul>", page, re.S).group(0)
+    assert re.findall(r'<a href="\?reason=([^"&]*)"', reasons) == ["-", "kill_switch"]
+    assert "rollout" not in reasons and "mode off" not in reasons
+    filtered = client.get("/admin/ragcache/usagerecord/", {"reason": "kill_switch"})
+    assert filtered.context["cl"].result_count == 1
+    assert client.get("/admin/ragcache/usagerecord/", {"reason": "-"}).context["cl"].result_count == 1
