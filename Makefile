@@ -23,7 +23,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# make bench: every row of issue 12 in one run (~4 minutes; docs/performance.md). Groups:
+# BENCH_ARGS="--only sync|async|remote|http|profile|callgrind" (comma-separated). Needs
+# redis-server and taskset; the HTTP rows need wrk, callgrind needs valgrind and gcc
+# (Debian: apt-get install redis-server wrk valgrind gcc).
 bench: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || echo "note: wrk is not installed (apt-get install wrk): the HTTP rows will be skipped"
 	$(PY) bench/hotpath.py $(BENCH_ARGS)
 
 bench-aggregate: $(STAMP)

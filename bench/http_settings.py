@@ -1,33 +1,18 @@
-"""Settings for ``bench/hotpath.py --http``: the project's settings plus one bench-only view.
+"""Settings for the HTTP rows of ``bench/hotpath.py``: the demo project's settings, with
+the bench-only URLs (``bench/http_urls.py``) and the shipped logging writing to /dev/null
+through a real handler (every step line formatted and written: what a user pays).
 
-Step lines go to a sink that formats and discards them (``BENCH_STEPS_LOG`` = info or
-warning), so the server measures ragcache rather than the terminal.
+``BENCH_MIDDLEWARE=none`` drops the project's middleware (the rows then show ragcache's
+share of a request without Django's session/auth/CSRF/Prometheus layers).
 """
-import logging
 import os
 
+from bench import _common
 from project.settings import *  # noqa: F403
 from project.settings import LOGGING as _PROJECT_LOGGING
 
 ROOT_URLCONF = "bench.http_urls"
 DEBUG = False
-
-
-class FormattingSink(logging.Handler):
-    """Formats every record (what a real handler pays) and writes it nowhere."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.format(record)
-
-
-LOGGING = {
-    **_PROJECT_LOGGING,
-    "handlers": {
-        "sink": {"class": "bench.http_settings.FormattingSink", "formatter": "plain"},
-        "console": {"class": "logging.StreamHandler", "formatter": "plain", "level": "WARNING"},
-    },
-    "loggers": {
-        "ragcache": {"handlers": ["sink", "console"], "level": "INFO", "propagate": False},
-        "ragcache.steps": {"level": os.environ.get("BENCH_STEPS_LOG", "info").upper()},
-    },
-}
+LOGGING = _common.shipped_logging(_PROJECT_LOGGING)
+if os.environ.get("BENCH_MIDDLEWARE") == "none":
+    MIDDLEWARE = []
