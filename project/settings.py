@@ -137,6 +137,15 @@ if os.environ.get("RAGCACHE_AGGREGATION_LOCK_TIMEOUT"):
     RAGCACHE["AGGREGATION_LOCK_TIMEOUT"] = float(os.environ["RAGCACHE_AGGREGATION_LOCK_TIMEOUT"])
 if os.environ.get("RAGCACHE_AGGREGATE_BATCH"):
     RAGCACHE["AGGREGATE_BATCH"] = int(os.environ["RAGCACHE_AGGREGATE_BATCH"])
+# The gateway (POST /v1/chat/completions, docs/gateway.md) forwards to an OpenAI-compatible API.
+# Unset, that is this demo's own fake LLM (/fake-llm/v1) on the port `make run` serves, so
+# everything works offline. The API key never leaves the server.
+RAGCACHE["UPSTREAM"] = {
+    "BASE_URL": os.environ.get("RAGCACHE_UPSTREAM_BASE_URL")
+    or f"http://127.0.0.1:{os.environ.get('RUN_PORT') or 8000}/fake-llm/v1",
+    "API_KEY": os.environ.get("RAGCACHE_UPSTREAM_API_KEY") or os.environ.get("DEMO_LLM_API_KEY") or "sk-demo-fake",
+    "TIMEOUT": float(os.environ.get("RAGCACHE_UPSTREAM_TIMEOUT") or 60),
+}
 
 # Celery: the broker lives on the same Redis server but in another logical database, so
 # ragcache's purge (which only ever touches its own prefix) and the broker never meet.
