@@ -815,6 +815,9 @@ def _pass_through(request: Request, plan: Plan, iterator: Any, token: str, stamp
                 yield Run(PUBLISH, [key.lock, key.flight(token)], [token, lock_ms, flight_ttl, data], key.shard)
             except RedisUnavailable:
                 publishing = False  # the followers time out and call the LLM themselves
+            except BaseException:  # cancelled meanwhile (a client that went away): as for a consumer gone
+                yield from _consumer_gone(plan, token, iterator, may_store)
+                raise
     if may_store:
         yield from store(request, plan, recorder.finish, kind=KIND_STREAM,
                          latency_ms=(time.perf_counter() - started) * 1000, token=token, stamps=stamps)
