@@ -13,7 +13,7 @@ from django.utils.html import format_html
 
 from . import admin_policy, admin_report, store
 from .admin_report import ReasonFilter
-from .models import CacheFlags, CachePolicy, ModelPrice, UsageRecord, UsageRollup
+from .models import CacheControl, CacheFlags, CachePolicy, GatewayKey, ModelPrice, UsageRecord, UsageRollup
 
 
 class _BoundedJSONDecoder(json.JSONDecoder):
@@ -165,6 +165,63 @@ class CacheFlagsAdmin(admin.ModelAdmin):
 class ModelPriceAdmin(admin.ModelAdmin):
     list_display = ("model", "input_per_1k", "cached_input_per_1k", "output_per_1k", "currency")
     search_fields = ("model",)
+
+
+class GatewayKeyForm(forms.ModelForm):
+    allowed_cache_controls = forms.MultipleChoiceField(
+        choices=CacheControl.choices, required=False, widget=forms.CheckboxSelectMultiple,
+        help_text="Request controls this key may send; any other is refused with 403.")
+
+    class Meta:
+        model = GatewayKey
+        fields = ("name", "scope", "policies", "allowed_cache_controls", "is_active")
+
+
+@admin.register(GatewayKey)
+class GatewayKeyAdmin(admin.ModelAdmin):
+    """Gateway keys: the key itself is shown once, on the page after "Save" of a new one;
+    only its SHA-256 is stored, and neither the hash nor the key is ever shown again."""
+
+    form = GatewayKeyForm
+    formfield_overrides = {models.JSONField: {"decoder": _BoundedJSONDecoder}}
+    list_display = ("name", "key_id", "scope", "policies", "allowed_cache_controls", "is_active", "created_at",
+                    "last_used_at")
+    list_editable = ("is_active",)
+    list_filter = ("is_active",)
+    search_fields = ("name", "key_prefix", "scope")
+    actions = ("deactivate_keys",)
+
+    @admin.display(description="key", ordering="key_prefix")
+    def key_id(self, obj: GatewayKey) -> str:
+        return f"{obj.key_prefix}..." if obj.key_prefix else "-"
+
+    def get_readonly_fields(self, request, obj=None):
+        return ("key_id", "created_at", "last_used_at") if obj is not None else ()
+
+    def save_model(self, request, obj, form, change) -> None:
+        if not change:
+            request._ragcache_new_gateway_key = obj.set_new_key()  # shown once by response_add, never stored
+        super().save_model(request, obj, form, change)
+
+    def response_add(self, request, obj, post_url_continue=None):
+        key = getattr(request, "_ragcache_new_gateway_key", None)
+        if key is None:
+            return super().response_add(request, obj, post_url_continue)
+        context = {**self.admin_site.each_context(request), "title": f"Gateway key {obj.name!r} created",
+                   "opts": self.model._meta, "gateway_key": obj, "key": key}
+        response = TemplateResponse(request, "admin/ragcache/gatewaykey/created.html", context)
+        response["Cache-Control"] = "no-store"
+        return response
+
+    @admin.action(description="Deactivate selected keys", permissions=["change"])
+    def deactivate_keys(self, request, queryset):
+        # save() per row (not queryset.update) so every process is told of the change.
+        count = 0
+        for key in queryset.filter(is_active=True):
+            key.is_active = False
+            key.save(update_fields=["is_active"])
+            count += 1
+        self.message_user(request, f"Deactivated {count} gateway key{'s' if count != 1 else ''}.", messages.SUCCESS)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
