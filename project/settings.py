@@ -181,6 +181,8 @@ DEMO_LLM_DELAY_MS = int(os.environ.get("DEMO_LLM_DELAY_MS", "800"))
 DEMO_LLM_FIRST_CHUNK_MS = int(os.environ.get("DEMO_LLM_FIRST_CHUNK_MS", "300"))
 DEMO_LLM_CHUNK_DELAY_MS = int(os.environ.get("DEMO_LLM_CHUNK_DELAY_MS", "30"))
 DEMO_LLM_API_KEY = os.environ.get("DEMO_LLM_API_KEY") or None
+# The demo's gateway key (made by `make run` and the demo page; git-ignored, mode 0600).
+DEMO_GATEWAY_KEY_FILE = RUN_DIR / "demo_gateway_key"
 
 LOGGING = {
     "version": 1,

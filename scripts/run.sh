@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make run`: migrate, make sure an admin login exists, find (or start) Redis, then run a
-# Celery worker with embedded beat and the Django web server until Ctrl-C.
+# `make run`: migrate, make sure an admin login exists and the demo's gateway key, find (or
+# start) Redis, then run a Celery worker with embedded beat and the web server (uvicorn
+# serving the project's ASGI app, so the gateway streams) until Ctrl-C.
 #
 # Every long-running child gets a session of its own, so Ctrl-C in the terminal reaches
 # only this script, which then stops the children in order (web, worker, Redis last so
@@ -13,6 +14,8 @@ PY=$ROOT/.venv/bin/python
 RUN=$ROOT/.run
 HOST=127.0.0.1
 PORT=${RUN_PORT:-8000}
+# settings.py points the gateway's default upstream (the demo's fake LLM) at this port.
+export RUN_PORT=$PORT
 
 WEB_PID='' CELERY_PID='' REDIS_PID='' TAIL_PID='' SLEEP_PID='' CLEANING=''
 
@@ -164,6 +167,10 @@ PYEOF
 ADMIN_PASSWORD=$(cat "$RUN/admin_password")
 say "admin login: $admin_note"
 
+# The demo's gateway key: kept in .run/demo_gateway_key (git-ignored), its hash in the
+# database; made once, re-used afterwards (project/demo/gateway_key.py).
+"$PY" manage.py demo_gateway_key >/dev/null || die "could not create the demo gateway key (see above)"
+
 # --- Celery worker + beat, then the web server --------------------------------------------
 
 [ -f "$RUN/celery.log" ] && mv -f "$RUN/celery.log" "$RUN/celery.previous.log"
@@ -192,8 +199,12 @@ spawn "$PY" -m celery -A project worker -B --schedule "$RUN/celerybeat-schedule"
   >>"$RUN/celery.log" 2>&1
 CELERY_PID=$!
 
-# --noreload: one process to stop. --insecure: admin CSS even when DEBUG=0 (demo only).
-spawn "$PY" manage.py runserver "$HOST:$PORT" --noreload --insecure
+# uvicorn serves ASGI, so the gateway streams token by token (runserver is WSGI: it would
+# deliver each stream whole). project/demo/asgi.py adds the admin's static files with
+# Django's own ASGIStaticFilesHandler (no collectstatic, no extra package). No --reload:
+# one process to stop; a short graceful shutdown so open streams never hold up Ctrl-C.
+spawn "$PY" -m uvicorn project.demo.asgi:application --host "$HOST" --port "$PORT" --lifespan off \
+  --timeout-graceful-shutdown 3 --log-level info
 WEB_PID=$!
 
 for _ in $(seq 150); do
@@ -210,6 +221,7 @@ cat <<EOF
 ==============================================================================
  ragcache demo is running
    Demo page:  http://$HOST:$PORT/demo/
+   Gateway:    http://$HOST:$PORT/v1  (OpenAI-compatible; demo key in .run/demo_gateway_key)
    Admin:      http://$HOST:$PORT/admin/
                username: admin
                password: $ADMIN_PASSWORD
@@ -221,6 +233,8 @@ cat <<EOF
 ==============================================================================
 
 EOF
+"$PY" manage.py demo_gateway_key --snippet "http://$HOST:$PORT/v1" || say "could not print the gateway snippets"
+echo
 
 # Wait for a signal; if a child dies on its own, stop the others and fail.
 while :; do

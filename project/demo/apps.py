@@ -1,4 +1,25 @@
 from django.apps import AppConfig
+from django.db.models.signals import post_migrate
+
+# The demo model's price, so that "cost avoided" is real from the first hit: priced like a
+# large hosted model (per 1,000 tokens). Created once; edit it in the admin (Model prices).
+DEMO_MODEL = "demo-llm"
+DEMO_PRICE = {"input_per_1k": "0.0025", "cached_input_per_1k": "0.00125", "output_per_1k": "0.01",
+              "currency": "USD"}
+
+
+def seed_demo_price(app_config, using="default", apps=None, **kwargs) -> None:
+    """After ``migrate``: a ``ModelPrice`` for the demo model, unless one exists (never
+    overwrites an edited price). Uses the migration state's model: no signal, no announcement."""
+    from django.db import router
+
+    apps = apps or app_config.apps
+    try:
+        ModelPrice = apps.get_model("ragcache", "ModelPrice")
+    except LookupError:
+        return
+    if router.allow_migrate_model(using, ModelPrice):
+        ModelPrice.objects.using(using).get_or_create(model=DEMO_MODEL, defaults=DEMO_PRICE)
 
 
 class DemoConfig(AppConfig):
@@ -10,5 +31,6 @@ class DemoConfig(AppConfig):
 
         from .models import Document
 
+        post_migrate.connect(seed_demo_price, sender=self, dispatch_uid="project.demo.seed_demo_price")
         # Saving or deleting a document invalidates the answers that cite it, after commit.
         track(Document, source=lambda document: document.source_id)

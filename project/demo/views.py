@@ -4,8 +4,10 @@ import json
 from decimal import Decimal
 
 from django.core.exceptions import RequestDataTooBig
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 
 from ragcache.entries import Usage
@@ -13,6 +15,7 @@ from ragcache.exceptions import InvalidRequestError
 from ragcache.policies import registry
 from ragcache.services import cache_service
 
+from .gateway_key import ensure_demo_key
 from .llm import fake_llm
 
 MAX_QUESTION = 4000
@@ -73,8 +76,20 @@ def _clean(question: object) -> str:
     return question
 
 
+def _gateway_context() -> dict:
+    """What the page's script needs to stream from the gateway (/v1/chat/completions)."""
+    try:
+        key, row = ensure_demo_key()
+    except (DatabaseError, OSError):
+        return {}
+    return {"gateway": {"endpoint": reverse("ragcache_gateway:chat-completions"), "key": key, "model": MODEL,
+                        "active": row.is_active}}
+
+
 def demo_page(request: HttpRequest) -> HttpResponse:
-    context: dict = {"question": "", "max_length": MAX_QUESTION}
+    """The page streams answers from the gateway (its script); without script, the form
+    posts here and the answer comes through get_or_call."""
+    context: dict = {"question": "", "max_length": MAX_QUESTION, **_gateway_context()}
     if request.method == "POST":
         context["question"] = request.POST.get("question", "")
         try:
