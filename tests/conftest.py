@@ -20,6 +20,9 @@ from ragcache.policies import registry
 # The local Redis Cluster (3 masters + 3 replicas) and the contract's ``backend`` fixture.
 from .cluster import backend, cluster_backend, one_slot_guard, redis_cluster  # noqa: F401
 
+# The OpenAI-compatible gateway on the live server below, its upstream the fake (tests/gateway_helpers.py).
+from .gateway_helpers import gateway  # noqa: F401
+
 # The project's ASGI app under uvicorn on a free port, and the fake OpenAI upstream on it.
 from .upstream import asgi_server, fake_llm  # noqa: F401
 
