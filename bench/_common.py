@@ -304,7 +304,7 @@ def fmt_load(load: list[float]) -> str:
 
 
 def print_rows(columns: list[tuple[str, str, str]], rows: list[dict]) -> None:
-    """``columns``: (key, heading, format spec); right-aligned except the first."""
+    """``columns``: (key, heading, format spec); numbers (a spec) right-aligned, text left."""
     cells = [[heading for _, heading, _ in columns]]
     for row in rows:
         line = []
@@ -314,7 +314,7 @@ def print_rows(columns: list[tuple[str, str, str]], rows: list[dict]) -> None:
         cells.append(line)
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     for n, line in enumerate(cells):
-        text = "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(line))
+        text = "  ".join(c.rjust(widths[i]) if columns[i][2] else c.ljust(widths[i]) for i, c in enumerate(line))
         print("   " + text.rstrip())
         if n == 0:
             print("   " + "-" * len(text))
