@@ -157,10 +157,14 @@ def check_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> l
         ))
     config = get_config()
     messages.extend(_check_values(config))
+    if config["REDIS_CLUSTER_URL"] is not None:
+        messages.extend(_check_cluster(config["REDIS_CLUSTER_URL"]))
     alias = config["CACHE_ALIAS"]
     caches = getattr(settings, "CACHES", {})
     if not isinstance(alias, str):
         return messages  # E006 said so
+    if alias not in caches and config["REDIS_CLUSTER_URL"]:
+        return messages  # on a cluster the alias only lends its timeouts, if it exists
     if alias not in caches:
         messages.append(Error(
             f"RAGCACHE['CACHE_ALIAS'] is {alias!r}, but CACHES has no such alias.",
@@ -190,5 +194,66 @@ def _check_entry_size(config: dict[str, Any], cache: Any) -> list[CheckMessage]:
             "OPTIONS['SOCKET_TIMEOUT']: an entry that cannot be read in time makes every lookup of it time "
             "out and opens the circuit breaker for all other questions.",
             id="ragcache.E007",
+        )]
+    return []
+
+
+CLUSTER_CHECK_TIMEOUT = 1.0  # seconds: the checks run at every start; a dead seed must not hold it up
+
+
+def _check_cluster(url: Any) -> list[CheckMessage]:
+    """RAGCACHE['REDIS_CLUSTER_URL']: a redis:// URL (E008) of a node in cluster mode (E009),
+    reachable (W004), whose cluster serves all 16384 slots (W005). Asks the seed node only:
+    a short CLUSTER INFO and CLUSTER SLOTS."""
+    import redis
+
+    setting = "RAGCACHE['REDIS_CLUSTER_URL']"
+    try:
+        parts = urlsplit(url.strip()) if isinstance(url, str) else None
+        port = parts.port if parts else None
+    except ValueError:
+        parts = port = None
+    if parts is None or parts.scheme not in ("redis", "rediss") or not parts.hostname \
+            or (parts.path or "/").strip("/") not in ("", "0"):
+        return [Error(
+            f"{setting} must be the redis:// URL of one cluster node, not {url!r}.",
+            hint=f"For example {setting} = 'redis://10.0.0.5:7000' (rediss:// for TLS; no database number: "
+            "a cluster has only database 0). Remove it to use CACHES[RAGCACHE['CACHE_ALIAS']] instead.",
+            id="ragcache.E008",
+        )]
+    address = f"{parts.hostname}:{port or 6379}"
+    client = redis.Redis.from_url(url, socket_timeout=CLUSTER_CHECK_TIMEOUT,
+                                  socket_connect_timeout=CLUSTER_CHECK_TIMEOUT)
+    try:
+        info = client.execute_command("CLUSTER", "INFO")
+        slots = client.execute_command("CLUSTER", "SLOTS")
+    except redis.ResponseError as exc:
+        return [Error(
+            f"{setting} points at {address}, which is not in cluster mode ({str(exc)[:80]}).",
+            hint=f"Point {setting} at a node of your Redis Cluster, or remove it to use a standalone Redis "
+            "through CACHES[RAGCACHE['CACHE_ALIAS']].",
+            id="ragcache.E009",
+        )]
+    except (redis.RedisError, OSError) as exc:
+        return [Warning(
+            f"{setting} points at {address}, which did not answer ({type(exc).__name__}): ragcache serves "
+            "without cache until it does.",
+            hint=f"Check that the cluster is running and reachable from here, or fix {setting} (host, port, "
+            "password, rediss:// for TLS).",
+            id="ragcache.W004",
+        )]
+    finally:
+        client.close()
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    state = dict(line.split(":", 1) for line in text.split() if ":" in line)
+    covered = sum(int(entry[1]) - int(entry[0]) + 1 for entry in slots)
+    if covered < 16384 or state.get("cluster_state") != "ok":
+        return [Warning(
+            f"The cluster at {setting} ({address}) serves {covered} of 16384 hash slots "
+            f"(cluster_state: {state.get('cluster_state', '?')}): lookups of keys in the others miss and "
+            "their stores fail.",
+            hint="Assign every slot to a master (redis-cli --cluster fix / --cluster check), or point "
+            f"{setting} at the cluster you meant.",
+            id="ragcache.W005",
         )]
     return []
