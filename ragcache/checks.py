@@ -157,6 +157,7 @@ def check_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> l
         ))
     config = get_config()
     messages.extend(_check_values(config))
+    messages.extend(_check_upstream(config["UPSTREAM"]))
     if config["REDIS_CLUSTER_URL"] is not None:
         messages.extend(_check_cluster(config["REDIS_CLUSTER_URL"]))
     alias = config["CACHE_ALIAS"]
@@ -175,6 +176,33 @@ def check_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> l
     messages.extend(_check_cache(alias, caches[alias]))
     messages.extend(_check_entry_size(config, caches[alias]))
     return messages
+
+
+def _check_upstream(upstream: Any) -> list[CheckMessage]:
+    """The gateway's upstream (ragcache.E010), checked when it is set at all."""
+    if upstream in (None, {}):
+        return []
+    problems = []
+    if not isinstance(upstream, dict):
+        problems.append(f"must be a dict, not {type(upstream).__name__}")
+    else:
+        unknown = sorted(set(upstream) - {"BASE_URL", "API_KEY", "TIMEOUT"}, key=str)
+        if unknown:
+            problems.append(f"has unknown keys {', '.join(map(repr, unknown))}")
+        base = upstream.get("BASE_URL")
+        if not isinstance(base, str) or urlsplit(base).scheme not in ("http", "https") or not urlsplit(base).netloc:
+            problems.append(f"needs BASE_URL, an http(s) URL such as 'https://api.example/v1', not {base!r}")
+        if upstream.get("API_KEY") is not None and not isinstance(upstream.get("API_KEY"), str):
+            problems.append("API_KEY must be a string or None")
+        timeout = upstream.get("TIMEOUT")
+        if timeout is not None and (not _is_number(timeout) or timeout <= 0):
+            problems.append(f"TIMEOUT must be a positive number of seconds, not {timeout!r}")
+    return [Error(
+        f"RAGCACHE['UPSTREAM'] {'; '.join(problems)}.",
+        hint="Set RAGCACHE['UPSTREAM'] = {'BASE_URL': 'https://.../v1', 'API_KEY': <from the environment>, "
+        "'TIMEOUT': 60}, or remove it if you do not mount the gateway.",
+        id="ragcache.E010",
+    )] if problems else []
 
 
 def _check_entry_size(config: dict[str, Any], cache: Any) -> list[CheckMessage]:

@@ -790,8 +790,10 @@ def _pass_through(request: Request, plan: Plan, iterator: Any, token: str, stamp
     while True:
         try:
             chunk = yield Next(iterator)
-        except BaseException:
-            yield from _release(plan, token, "failed", refused, "upstream_error")
+        except BaseException as exc:
+            # An error of the upstream, or our caller cancelled (a client that went away).
+            reason = "upstream_error" if isinstance(exc, Exception) else "incomplete"
+            yield from _release(plan, token, "failed", refused, reason)
             yield from _close(iterator)
             raise
         if chunk is END:

@@ -300,8 +300,12 @@ class CacheControl(models.TextChoices):
     SOURCES = "sources", "X-Ragcache-Sources: name source documents"
 
 
-def _all_controls() -> list[str]:
+def no_controls() -> list[str]:
+    """A new key may send no cache control until an operator allows some."""
     return []
+
+
+_all_controls = no_controls  # the name migration 0003 refers to
 
 
 class GatewayKey(models.Model):
@@ -320,7 +324,7 @@ class GatewayKey(models.Model):
         help_text='Policies this key may use, e.g. ["default"]. The first is its default. Empty: only "default".',
     )
     allowed_cache_controls = models.JSONField(
-        default=_all_controls, blank=True,
+        default=no_controls, blank=True,
         help_text="Request controls this key may send: " + ", ".join(c.value for c in CacheControl) + ".",
     )
     is_active = models.BooleanField(default=True)

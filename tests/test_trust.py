@@ -498,3 +498,21 @@ def test_a_chunk_that_cannot_be_relayed_ends_the_flight(default_policy, redis_cl
     assert [f.get(b"s") for _, f in entries if b"s" in f] == [b"failed"]
     assert sum(1 for _, f in entries if b"c" in f) == 1  # only the chunk before it
     assert entry_keys(redis_client, ragcache_prefix) == []
+
+
+@pytest.mark.parametrize(("upstream", "says"), [
+    ({"BASE_URL": "ftp://x"}, "BASE_URL"),
+    ({"BASE_URL": "https://api.example/v1", "TIMEOUT": 0}, "TIMEOUT"),
+    ({"BASE_URL": "https://api.example/v1", "KEY": "x"}, "unknown keys"),
+    ("https://api.example/v1", "must be a dict"),
+])
+def test_a_misconfigured_upstream_is_a_system_check_error(settings, upstream, says):
+    settings.RAGCACHE = {**settings.RAGCACHE, "UPSTREAM": upstream}
+    errors = [m for m in run_checks() if m.id == "ragcache.E010"]
+    assert len(errors) == 1 and says in errors[0].msg and "RAGCACHE['UPSTREAM']" in errors[0].hint
+    assert "sk-" not in errors[0].msg  # the check never prints a key
+
+
+def test_a_valid_upstream_passes_the_checks(settings):
+    settings.RAGCACHE = {**settings.RAGCACHE, "UPSTREAM": {"BASE_URL": "http://127.0.0.1:1/v1", "API_KEY": "sk-x"}}
+    assert not [m for m in run_checks() if m.id == "ragcache.E010"]
