@@ -34,6 +34,7 @@ from ragcache.models import UsageRecord, UsageRollup
 from ragcache.services import cache_service
 
 from .conftest import REDIS_URL, PrivateRedis, free_port
+from .gateway_helpers import gateway  # noqa: F401 (a fixture)
 from .test_contract import LLM, ROOT, answer, database_url, redis_cluster_url, sample  # noqa: F401 (a fixture)
 
 MODEL = "gpt-4o-mini"
@@ -693,6 +694,28 @@ def test_demo_answers_from_documents_and_says_why_an_edit_made_it_miss(backend, 
 
     assert client.get("/demo/sources.json", {"q": question}).json()["sources"][0] == refunds.source_id
     assert client.get("/demo/sources.json").status_code == 400
+
+
+def test_demo_page_streaming_path_sends_sources_and_says_why(gateway, client):  # noqa: F811
+    """The page's script asks /demo/sources.json for the question's documents and sends them
+    as X-Ragcache-Sources; after an edit the gateway answers MISS with reason stale_source,
+    which the page shows."""
+    refunds = Document.objects.create(title="Refund policy", body="Orders can be refunded within 30 days.")
+    page = client.get("/demo/").content.decode()
+    assert '"sources": "/demo/sources.json"' in page and "X-Ragcache-Sources" in page
+    assert "stale_source" in page  # the reason's words are on the page
+    question = "How many days for a refund?"
+    ids = client.get("/demo/sources.json", {"q": question}).json()["sources"]
+    assert refunds.source_id in ids
+    key = gateway.key(controls=("sources",))
+    ask = lambda: gateway.ask(key, [{"role": "user", "content": question}],  # noqa: E731
+                              headers={"X-Ragcache-Sources": ",".join(ids)})
+    assert [ask().headers["X-Ragcache"] for _ in range(2)] == ["MISS", "HIT"]
+    refunds.body = "Orders can be refunded within 14 days."
+    refunds.save()
+    after = ask()
+    assert (after.headers["X-Ragcache"], after.headers.get("X-Ragcache-Reason")) == ("MISS", "stale_source")
+    assert ask().headers["X-Ragcache"] == "HIT"
 
 
 def test_seeded_demo_documents_exist_after_migrate(db):

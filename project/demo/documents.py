@@ -11,8 +11,11 @@ admin invalidates ``doc:<pk>`` (``ragcache.sources.track`` in apps.py).
   ``X-Ragcache-Sources`` header; ``.context()``: their text, read now).
 - ``answer_text(question, retrieved)``: what the fake LLMs say: a quote of each document,
   cited by title and id; deterministic, so a replay is recognisable.
+- ``llm_call(question, retrieved)``: the ``call()`` the demo's ``get_or_call`` uses (views.py).
 - ``ask(question)``: the whole path through ``cache_service.get_or_call`` with
-  ``sources=``; returns what the page shows, including why a question missed.
+  ``sources=``; returns the outcome, the reason and why a question missed.
+- ``sources_json``: ``/demo/sources.json?q=``, which the page's script asks before it
+  streams through the gateway, to send ``X-Ragcache-Sources``.
 
 The documents' text is read inside ``call()`` (after the lookup read the stamps), so an
 edit committed while an answer is being made is caught by the write guard.
@@ -103,18 +106,26 @@ def completion(text: str, question: str) -> dict:
     }
 
 
+def llm_call(question: str, retrieved: Retrieved, *, fallback=None):
+    """The ``call()`` for ``get_or_call``: after the fake LLM's delay, an answer quoting the
+    documents as they are then (read inside the call, after the lookup read the stamps);
+    ``fallback(question, model=MODEL)`` when no document is about the question."""
+    def call() -> dict:
+        if not retrieved.ids and fallback is not None:
+            return fallback(question, model=MODEL)
+        time.sleep(settings.DEMO_LLM_DELAY_MS / 1000)  # the "thinking" the cache saves
+        return completion(answer_text(question, retrieved.context()), question)
+
+    return call
+
+
 def ask(question: str, *, refresh: bool = False) -> dict:
     """Answer ``question`` from the documents through the cache, citing them as sources.
     Returns ``answer``, ``hit``, ``ms``, ``outcome`` (hit, miss, refresh, bypass, error),
     ``reason``, ``why`` (a sentence, or ""), ``stored``, ``sources`` and ``titles``."""
     retrieved = relevant(question)
-
-    def call() -> dict:
-        time.sleep(settings.DEMO_LLM_DELAY_MS / 1000)  # the "thinking" the cache saves
-        return completion(answer_text(question, retrieved.context()), question)
-
-    result: CallResult = cache_service.get_or_call(question, call, model=MODEL, policy="default",
-                                                   sources=retrieved.sources, refresh=refresh)
+    result: CallResult = cache_service.get_or_call(question, llm_call(question, retrieved), model=MODEL,
+                                                   policy="default", sources=retrieved.sources, refresh=refresh)
     return {
         "answer": result.response["choices"][0]["message"]["content"],
         "hit": result.hit,

@@ -15,6 +15,7 @@ from ragcache.exceptions import InvalidRequestError
 from ragcache.policies import registry
 from ragcache.services import cache_service
 
+from . import documents
 from .gateway_key import ensure_demo_key
 from .llm import fake_llm
 
@@ -37,8 +38,12 @@ REASONS = {
 
 
 def _ask(question: str) -> dict:
-    """Ask through get_or_call; the outcome, its reason, the policy, and what a hit saved."""
-    result = cache_service.get_or_call(question, lambda: fake_llm(question, model=MODEL), model=MODEL, policy="default")
+    """Ask through get_or_call; the outcome, its reason, the policy, and what a hit saved.
+    The demo documents the question is about are its sources (documents.py): editing one
+    in the admin makes the next identical question miss with reason stale_source."""
+    retrieved = documents.relevant(question)
+    result = cache_service.get_or_call(question, documents.llm_call(question, retrieved, fallback=fake_llm),
+                                       model=MODEL, policy="default", sources=retrieved.sources)
     response = result.response
     answer = {
         "answer": response["choices"][0]["message"]["content"],
@@ -83,7 +88,7 @@ def _gateway_context() -> dict:
     except (DatabaseError, OSError):
         return {}
     return {"gateway": {"endpoint": reverse("ragcache_gateway:chat-completions"), "key": key, "model": MODEL,
-                        "active": row.is_active}}
+                        "active": row.is_active, "sources": reverse("demo-sources-json")}}
 
 
 def demo_page(request: HttpRequest) -> HttpResponse:
