@@ -246,7 +246,7 @@ def _replan(request: Request, version: int):
 class Tuning:
     """Figures derived from the settings that every call needs; rebuilt when they change."""
 
-    __slots__ = ("config", "layout", "stream_maxlen", "lock_ms", "stamp_ttl_ms", "flight_ttl_ms")
+    __slots__ = ("config", "layout", "stream_maxlen", "lock_ms", "stamp_ttl_ms", "guard_stamp_ttl_ms", "flight_ttl_ms")
 
     def __init__(self, config: dict) -> None:
         self.config = config
@@ -254,6 +254,9 @@ class Tuning:
         self.stream_maxlen = max(1, int(config["STREAM_MAXLEN"]) // SHARDS)  # per shard
         self.lock_ms = int(float(config["LOCK_TIMEOUT"]) * 1000)
         self.stamp_ttl_ms = (int(config["MAX_TTL"]) + 3600) * 1000  # outlives any entry citing it
+        # A stamp a lookup creates for the write guard: the store extends it to stamp_ttl_ms;
+        # if nothing is stored it goes soon (a call longer than this is refused as stale).
+        self.guard_stamp_ttl_ms = max(3600_000, 2 * self.lock_ms)
         self.flight_ttl_ms = int((float(config["LOCK_WAIT"]) + 5) * 1000)
 
 
@@ -445,7 +448,7 @@ def lookup(request: Request, *, lock: bool = False):
                 snapshot.version, "1" if snapshot.tracking_enabled else "0", "shadow_hit" if shadow else "hit",
                 t.lock_ms if token else 0, token, t.stream_maxlen, current.header, _waited_us(request), META_PREFIX,
                 t.layout.stamp_bases[key.shard], current.sources, _new_stamp() if current.sources else "",
-                t.stamp_ttl_ms], key.shard)
+                t.guard_stamp_ttl_ms], key.shard)
         except RedisUnavailable:
             if token:
                 _abandon(key, token)  # a timed-out script may still run on a stalled server
@@ -598,7 +601,7 @@ def _guard_stamps(request: Request, plan: Plan, found: Lookup):
     t, key = tuning(), plan.key
     try:
         stamps = yield Run(STAMPS, [t.layout.versions[key.shard]], [
-            t.layout.stamp_bases[key.shard], plan.sources, _new_stamp(), t.stamp_ttl_ms], key.shard)
+            t.layout.stamp_bases[key.shard], plan.sources, _new_stamp(), t.guard_stamp_ttl_ms], key.shard)
     except RedisUnavailable:  # stamps that never match: the store (if Redis is back by then) refuses
         return ",".join("-" for _ in request.sources)
     return stamps.decode() if isinstance(stamps, bytes) else str(stamps)

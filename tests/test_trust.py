@@ -516,3 +516,15 @@ def test_a_misconfigured_upstream_is_a_system_check_error(settings, upstream, sa
 def test_a_valid_upstream_passes_the_checks(settings):
     settings.RAGCACHE = {**settings.RAGCACHE, "UPSTREAM": {"BASE_URL": "http://127.0.0.1:1/v1", "API_KEY": "sk-x"}}
     assert not [m for m in run_checks() if m.id == "ragcache.E010"]
+
+
+def test_stamps_made_by_a_lookup_live_an_hour_unless_an_answer_cites_them(default_policy, redis_client,
+                                                                        ragcache_prefix):
+    pattern = f"{keys.layout(ragcache_prefix).root}:*:s:*"
+    refused = cache_service.get_or_call("q", lambda: answer("cut", finish_reason="length"), model=MODEL,
+                                        sources=["doc:1"])
+    assert not refused.stored
+    (stamp,) = redis_client.scan_iter(match=pattern)
+    assert 0 < redis_client.pttl(stamp) <= 3600_000  # nothing cites it: it goes within the hour
+    assert cache_service.get_or_call("q", lambda: answer("whole"), model=MODEL, sources=["doc:1"]).stored
+    assert redis_client.pttl(stamp) > 30 * 24 * 3600_000  # now an entry cites it: it outlives the entry
