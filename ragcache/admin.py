@@ -39,20 +39,26 @@ class _PolicyListForm(forms.ModelForm):
 @admin.register(CachePolicy)
 class CachePolicyAdmin(admin.ModelAdmin):
     formfield_overrides = {models.JSONField: {"decoder": _BoundedJSONDecoder}}
-    list_display = ("name", "enabled", "mode", "ttl_seconds", "ttl_human", "scope", "rollout_percent", "generation",
-                    "updated_at")
+    # Fits 1,400 px beside the admin's sidebar: short select labels; the generation and the
+    # times are on each policy's page.
+    list_display = ("name", "enabled", "mode", "ttl_seconds", "ttl_human", "scope", "rollout_percent")
     list_editable = ("enabled", "mode", "ttl_seconds", "scope", "rollout_percent")
-    list_filter = ("enabled", "mode", "scope")
+    list_filter = ("enabled", ("mode", admin_policy.ShortChoicesFilter), ("scope", admin_policy.ShortChoicesFilter))
     search_fields = ("name", "description")
     readonly_fields = ("generation", "key_recipe", "ttl_human", "stored_entries", "created_at", "updated_at")
     actions = ("purge_entries", "enable_policies", "disable_policies")
     fieldsets = (
         (None, {"fields": ("name", "description", "enabled", "mode", "scope")}),
-        ("Entries", {"fields": (("ttl_seconds", "ttl_human"), "stored_entries", "max_entry_bytes",
-                                "compress_threshold_bytes", "rollout_percent", "replay_chunk_delay_ms")}),
+        ("Entries", {"fields": ("ttl_seconds", "stored_entries", "max_entry_bytes", "compress_threshold_bytes",
+                                "rollout_percent", "replay_chunk_delay_ms")}),
         ("Key", {"fields": ("ignored_params", "normalize_query", "key_recipe", "generation")}),
         (None, {"fields": ("created_at", "updated_at")}),
     )
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        # The TTL in words beside its seconds.
+        widgets = {**kwargs.pop("widgets", {}), "ttl_seconds": admin_policy.SecondsInput(attrs={"min": 1})}
+        return super().get_form(request, obj, change, widgets=widgets, **kwargs)
 
     def get_changelist_form(self, request, **kwargs):
         return super().get_changelist_form(request, **{"form": _PolicyListForm, **kwargs})
@@ -240,18 +246,25 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(UsageRecord)
 class UsageRecordAdmin(ReadOnlyAdmin):
-    list_display = ("when", "policy", "result", "reason", "model", "key", "tokens_avoided", "cost_avoided",
-                    "latency_avoided_s")
-    list_filter = ("result", "policy", "model", ReasonFilter)
+    list_display = ("when", "policy", "outcome", "model", "key", "tokens_avoided", "cost", "latency_avoided_s")
+    list_filter = (("result", admin_policy.ShortChoicesFilter), "policy", "model", ReasonFilter)
     date_hierarchy = "ts"
 
     @admin.display(description="time", ordering="ts")
     def when(self, obj: UsageRecord) -> str:
         return f"{timezone.localtime(obj.ts):%Y-%m-%d %H:%M:%S}"
 
+    @admin.display(description="result (reason)", ordering="result")
+    def outcome(self, obj: UsageRecord) -> str:
+        return f"{obj.result} ({obj.reason.replace('_', ' ')})" if obj.reason else obj.result
+
     @admin.display(description="key", ordering="key_hash")
     def key(self, obj: UsageRecord) -> str:
         return obj.key_hash or "-"  # the short key id, as in logs and the X-Ragcache-Key header
+
+    @admin.display(description="cost avoided", ordering="cost_avoided")
+    def cost(self, obj: UsageRecord) -> str:
+        return f"{obj.cost_avoided:.6f}"
 
     @admin.display(description="latency avoided (s)", ordering="latency_avoided_ms")
     def latency_avoided_s(self, obj: UsageRecord) -> str:
@@ -260,10 +273,22 @@ class UsageRecordAdmin(ReadOnlyAdmin):
 
 @admin.register(UsageRollup)
 class UsageRollupAdmin(ReadOnlyAdmin):
-    list_display = ("period_start", "granularity", "policy", "model", "lookups", "hits", "misses", "hit_rate_display",
-                    "stores", "refusals", "tokens_avoided", "cost_avoided")
+    # Fits 1,400 px beside the sidebar; stores, refusals, bypasses and the rest are in the usage report.
+    list_display = ("period", "policy", "model", "lookups", "hits", "misses", "hit_rate_display", "tokens_avoided",
+                    "cost")
     list_filter = ("granularity", "policy", "model")
     date_hierarchy = "period_start"
+
+    @admin.display(description="period", ordering="period_start")
+    def period(self, obj: UsageRollup) -> str:
+        start = timezone.localtime(obj.period_start)
+        if obj.granularity == UsageRollup.Granularity.DAY:
+            return f"{start:%Y-%m-%d} (day)"
+        return f"{start:%Y-%m-%d %H:%M}"
+
+    @admin.display(description="cost avoided", ordering="cost_avoided")
+    def cost(self, obj: UsageRollup) -> str:
+        return f"{obj.cost_avoided:.6f}"
 
     @admin.display(description="hit rate")
     def hit_rate_display(self, obj: UsageRollup) -> str:

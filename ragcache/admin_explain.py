@@ -136,6 +136,8 @@ class Explanation:
     key_id: str
     decision: str
     used: bool
+    verdict: str = ""  # hit | miss | bypass | shadow hit | unknown
+    verdict_words: str = ""
     entry: dict | None = None
     sources: list | None = None
     hints: list[str] = field(default_factory=list)
@@ -182,7 +184,26 @@ def explain(data: dict) -> Explanation:
         _read_entry(result, key, data, policy)
     except store.RedisUnavailable:
         result.error = "Redis is not answering: whether an entry exists is unknown."
+    result.verdict, result.verdict_words = _verdict(result, planned.bypass, policy)
     return result
+
+
+def _verdict(result: Explanation, bypass: str, policy) -> tuple[str, str]:
+    """What a lookup of this request would be now, in one word and one sentence."""
+    if bypass:
+        return "bypass", f"the cache is not used ({bypass_words(bypass)})."
+    if result.error:
+        return "unknown", "Redis is not answering, so a lookup would be a miss (and the LLM called) right now."
+    entry = result.entry
+    if entry is None:
+        return "miss", "nothing is stored under this key (see below)."
+    if "corrupt" in entry:
+        return "miss", "the entry is unreadable; the lookup deletes it and calls the LLM."
+    if any(not source.fresh for source in result.sources or ()):
+        return "miss", "a source the entry was built from was invalidated (stale_source)."
+    if policy is not None and policy.mode == "shadow":
+        return "shadow hit", "the entry would be found and counted, but not served (shadow mode)."
+    return "hit", f"the stored answer is served, {entry['ttl']} before it expires."
 
 
 def _json(value: Any) -> str:

@@ -12,11 +12,13 @@ import threading
 import time
 from dataclasses import dataclass
 
-from django.contrib import messages
+from django.contrib import admin, messages
+from django.contrib.admin.widgets import AdminIntegerFieldWidget
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
+from django.utils.html import format_html
 
 from . import store
 from .models import CachePolicy, human_duration
@@ -57,6 +59,8 @@ class Census:
     taken_at: float  # time.time()
 
     def describe(self) -> str:
+        if self.complete and not self.entries:
+            return "no entries"
         if self.complete:
             return f"{plural(self.entries, 'entry', 'entries')}, about {human_bytes(self.memory)} in Redis"
         return (f"at least {plural(self.entries, 'entry', 'entries')}, at least {human_bytes(self.memory)} in "
@@ -149,3 +153,34 @@ def delete_selected_keeping_default(model_admin, request, queryset):
 
 delete_selected_keeping_default.short_description = "Delete selected cache policies"
 delete_selected_keeping_default.allowed_permissions = ("delete",)
+
+
+# --- the list page fits 1,400 px ----------------------------------------------------------------
+
+class ShortChoicesFilter(admin.ChoicesFieldListFilter):
+    """A choices filter listing values by their short names (``read_only``, not the sentence)."""
+
+    def choices(self, changelist):
+        labels = [(str(label), str(value)) for value, label in self.field.flatchoices]
+        for choice in super().choices(changelist):
+            display = str(choice["display"])
+            for label, value in labels:
+                if display.startswith(label):  # facet counts may follow the label
+                    choice = {**choice, "display": value + display[len(label):]}
+                    break
+            yield choice
+
+
+class SecondsInput(AdminIntegerFieldWidget):
+    """A number of seconds, with the saved value in words beside it: ``3600`` "= 1 h"."""
+
+    def render(self, name, value, attrs=None, renderer=None):
+        html = super().render(name, value, attrs, renderer)
+        try:
+            seconds = int(value)
+        except (TypeError, ValueError):
+            return html
+        if seconds <= 0:
+            return html
+        return format_html('{} <span class="ragcache-seconds-words" id="{}_words">= {}</span>', html,
+                           (attrs or {}).get("id", name), human_duration(seconds))

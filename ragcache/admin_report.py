@@ -73,7 +73,7 @@ def report_view(model_admin, request):
         "opts": model_admin.model._meta,
         "sections": sections,
         "backlog": backlog,
-        "backlog_max": get_config()["STREAM_MAXLEN"],
+        "backlog_max": f"{int(get_config()['STREAM_MAXLEN']):,}",
         "last_aggregation": datetime.fromtimestamp(last, UTC) if last else None,
         "can_aggregate": model_admin.has_view_permission(request),
         "add_price_url": reverse("admin:ragcache_modelprice_add"),

@@ -227,6 +227,7 @@ def test_explain_shows_recipe_entry_ttl_size_and_sources(admin_client, policy_fa
     assert response.status_code == 200 and "no-store" in response["Cache-Control"]
     page = text(response.content)
     assert "The cache is used" in page
+    assert "A lookup now: hit The stored answer is served" in page
     recipe = text(re.search(r'<table id="explain-recipe">.*?</table>', response.content.decode(), re.S).group(0))
     assert '{"temperature":0}' in recipe and "user (the policy's ignored params)" in recipe
     assert "What is the capital of France?" in recipe  # shown back to the operator who pasted it
@@ -240,6 +241,7 @@ def test_explain_shows_recipe_entry_ttl_size_and_sources(admin_client, policy_fa
     entry = text(explain(admin_client, params='{"temperature": 0}', sources="doc:1\ndoc:2").content)
     assert "doc:1 : intact" in entry and "doc:2 : invalidated" in entry
     assert "stale_source" in entry
+    assert "A lookup now: miss A source the entry was built from was invalidated" in entry
 
 
 def test_explain_a_miss_says_why(admin_client, policy_factory):
@@ -247,6 +249,7 @@ def test_explain_a_miss_says_why(admin_client, policy_factory):
     assert cache_service.cache_response("q", "x", model="m")
     page = text(explain(admin_client, question="q", model="m", params='{"temperature": 1}').content)
     assert "No entry under this key." in page and "never stored" in page
+    assert "A lookup now: miss Nothing is stored under this key" in page
     page = text(explain(admin_client, question="q", model="m", kind="stream").content)
     assert "asked as a whole response" in page
     default.purge()
@@ -268,7 +271,9 @@ def test_explain_gives_the_bypass_reason_of_now(admin_client, policy_factory, se
         flags.kill_switch = True
         flags.save()
     policy_factory("default", **setup)
-    assert words in text(explain(admin_client).content)
+    page = text(explain(admin_client).content)
+    assert words in page
+    assert ("A lookup now: bypass" in page) is (setup.get("mode") != "shadow")
 
 
 def test_explain_deletes_that_one_entry(admin_client, policy_factory):
