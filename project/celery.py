@@ -14,8 +14,9 @@ app.autodiscover_tasks()
 
 def _mark_metrics_dead(pid: int) -> None:
     # Prometheus multiprocess mode (PROMETHEUS_MULTIPROC_DIR shared with the web
-    # workers): drop an exiting process's live gauges, e.g. ragcache_redis_up, so a dead
-    # process never speaks for the present. Its counters stay: totals must not go down.
+    # workers): drop an exiting process's live gauges (other libraries'; ragcache's gauges
+    # are read by each scrape, never left in the files), so a dead process never speaks
+    # for the present. Its counters stay: totals must not go down.
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 

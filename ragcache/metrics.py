@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 LOOKUPS = Counter(
     "ragcache_lookups",
@@ -32,19 +33,57 @@ ENTRY_BYTES = Histogram(
     "ragcache_entry_bytes", "Size of stored entries (after compression).",
     buckets=(256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304),
 )
-# Multiprocess modes (PROMETHEUS_MULTIPROC_DIR): the backlog is one shared number, so the
-# latest reading wins even if the process that took it has exited; Redis up/down is the
-# latest observation of a process still alive (mark_process_dead drops the others).
-USAGE_BACKLOG = Gauge(
-    "ragcache_usage_backlog", "Usage events in Redis not yet aggregated.", multiprocess_mode="mostrecent"
-)
-REDIS_UP = Gauge(
-    "ragcache_redis_up", "1 if the latest Redis call succeeded, else 0.", multiprocess_mode="livemostrecent"
-)
-# Timestamps only grow, so the max over all processes is the latest run.
-LAST_AGGREGATION = Gauge(
-    "ragcache_last_aggregation_timestamp_seconds", "Unix time of the last successful aggregation run (0: never).",
-    multiprocess_mode="max",
+
+
+class KnownGauge:
+    """A label-less gauge with no sample until its value is known.
+
+    prometheus_client's ``Gauge`` exports 0 from the moment it exists (in multiprocess
+    mode, 0 for each process that never set it, under "max", "sum" or "all"): "unknown"
+    as a number, which a rule takes for the truth (a last run in 1970). This one exports
+    nothing until ``set()`` and nothing again after ``clear()``. It lives in this
+    process's memory only, never in the multiprocess files; /metrics exports the
+    scraping process's own readings instead (``SCRAPE_GAUGES``, ``ragcache.probes``)."""
+
+    def __init__(self, name: str, documentation: str, registry=REGISTRY) -> None:
+        self.name, self.documentation = name, documentation
+        self._value: float | None = None
+        if registry is not None:
+            registry.register(self)
+
+    def set(self, value: float) -> None:
+        self._value = float(value)
+
+    def clear(self) -> None:
+        self._value = None
+
+    def get(self) -> float | None:
+        return self._value
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        value = self._value
+        return [] if value is None else [GaugeMetricFamily(self.name, self.documentation, value=value)]
+
+
+# What one /metrics request reads from Redis, the database and the broker, in the process
+# that serves it (ragcache.probes). A value the scrape could not read has no sample.
+SCRAPE_GAUGES: dict[str, str] = {
+    "ragcache_redis_up": "1 if Redis answered (at /metrics: this scrape's PING), else 0; no sample before any call.",
+    "ragcache_redis_masters_full": "Redis masters at maxmemory under the noeviction policy (they refuse writes).",
+    "ragcache_usage_backlog": "Usage events in Redis not yet aggregated.",
+    "ragcache_usage_lag_seconds": "Age of the oldest usage event not yet aggregated (0: none waits).",
+    "ragcache_last_aggregation_timestamp_seconds": "Unix time of the last successful aggregation run.",
+    "ragcache_database_up": "1 if the database answered this scrape's read of ragcache's flags, else 0.",
+    "ragcache_broker_up": "1 if the Celery broker accepted this scrape's connection, else 0.",
+}
+# Set by the breaker (every process) and by aggregation runs; at /metrics the scrape's
+# own readings take their place.
+REDIS_UP = KnownGauge("ragcache_redis_up", SCRAPE_GAUGES["ragcache_redis_up"])
+LAST_AGGREGATION = KnownGauge(
+    "ragcache_last_aggregation_timestamp_seconds", SCRAPE_GAUGES["ragcache_last_aggregation_timestamp_seconds"]
 )
 AGGREGATION_RUNS = Counter("ragcache_aggregation_runs", "Aggregation runs by result (ok, busy, error).", ["result"])
 AGGREGATION_SECONDS = Histogram(
@@ -69,6 +108,14 @@ SOURCE_INVALIDATIONS_DROPPED = Counter(
     "ragcache_source_invalidations_dropped",
     "Deferred source invalidations given up (the process exited, or its retry queue overflowed): see the ERROR log.",
 )
+# Counters with a fixed label set start at 0, so the first failure is an increase a rule
+# can see (a series born at 1 has no increase() within its first window).
+for _result in ("ok", "busy", "error"):
+    AGGREGATION_RUNS.labels(_result)
+for _reason in ("redis_full", "redis_unavailable"):
+    EVENTS_LOST.labels(_reason)
+for _kind in ("timeout", "connection", "oom", "cluster", "response", "other"):
+    REDIS_ERRORS.labels(_kind)
 CORRUPT_ENTRIES = Counter(
     "ragcache_corrupt_entries", "Unreadable or foreign entries found at ragcache keys (deleted, served as misses).",
     ["policy"],

@@ -1,16 +1,26 @@
-"""/metrics (django-prometheus, behind an access rule) and /ragcache/health."""
+"""/metrics (django-prometheus's registry plus readings taken at scrape time, behind an
+access rule) and /ragcache/health. Both tell an outage as it is: a value that cannot be
+read is absent, never a number standing for "unknown" (see ragcache.probes)."""
 from __future__ import annotations
 
 import hmac
-import time
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
-from django_prometheus.exports import ExportToDjangoView
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import metrics, store
+from . import probes
 from .conf import get_config
 from .policies import registry
+
+
+def bearer_token(request: HttpRequest) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header; the scheme is matched
+    case-insensitively (RFC 6750 via RFC 7235), so ``bearer <token>`` works too."""
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return credentials.lstrip(" ") or None  # 1*SP between scheme and token (RFC 7235)
 
 
 def access_allowed(request: HttpRequest) -> bool:
@@ -19,8 +29,8 @@ def access_allowed(request: HttpRequest) -> bool:
     config = get_config()
     token = config["METRICS_BEARER_TOKEN"]
     if token:
-        header = request.headers.get("Authorization", "")
-        return header.startswith("Bearer ") and hmac.compare_digest(header[7:].encode(), str(token).encode())
+        given = bearer_token(request)
+        return given is not None and hmac.compare_digest(given.encode(), str(token).encode())
     allowed = config["METRICS_ALLOWED_IPS"] or ()
     return "*" in allowed or request.META.get("REMOTE_ADDR") in allowed
 
@@ -34,35 +44,56 @@ def _forbidden() -> HttpResponse:
 def metrics_view(request: HttpRequest) -> HttpResponse:
     if not access_allowed(request):
         return _forbidden()
-    # Shared state lives in Redis: read it at scrape time, so these gauges are right
-    # whichever process (web, Celery, another host) did the work.
-    try:
-        metrics.USAGE_BACKLOG.set(store.backlog())
-        last = store.last_aggregation()
-        if last:
-            metrics.LAST_AGGREGATION.set(last)
-    except store.RedisUnavailable:
-        pass  # ragcache_redis_up already says so
-    return ExportToDjangoView(request)
+    # Shared state lives in Redis, the database and the broker: read it now, in this
+    # process, so these gauges are right whichever process (web, Celery, another host)
+    # did the work, and absent when they cannot be read.
+    return HttpResponse(probes.exposition(probes.read()), content_type=CONTENT_TYPE_LATEST)
 
 
 @never_cache
 def health_view(request: HttpRequest) -> HttpResponse:
+    """200 "ok"; 200 "degraded" when ragcache still serves but something it needs is
+    broken (Redis refusing writes, the database or the broker unreachable, usage events
+    waiting longer than AGGREGATION_STALE_AFTER); 503
+    "unavailable" when it cannot cache at all (Redis unreachable, or no policies ever
+    loaded). ``problems`` names each cause."""
     if not access_allowed(request):
         return _forbidden()
-    body: dict = {"redis": {"ok": False}}
-    status = 200
-    try:
-        body["redis"] = {"ok": True, "latency_ms": round(store.ping() * 1000, 3)}
-        body["usage_backlog"] = store.backlog()
-        last = store.last_aggregation()
-        body["last_aggregation"] = last
-        body["last_aggregation_age_s"] = round(time.time() - last, 1) if last else None
-    except store.RedisUnavailable as exc:
-        body["redis"] = {"ok": False, "error": type(exc.__cause__ or exc).__name__}
-        status = 503
+    readings = probes.read()
+    redis_state, database, broker = readings.redis, readings.database, readings.broker
     snapshot = registry.current()
+    problems = []
+    body: dict = {}
+    if redis_state.up:
+        body["redis"] = {"ok": True, "latency_ms": round(redis_state.latency_s * 1000, 3)}
+        if redis_state.masters_full is not None:
+            body["redis"]["writes_refused"] = redis_state.masters_full > 0
+            if redis_state.masters_full:
+                problems.append("redis_refusing_writes")
+        # Known values only: a key that is missing was not readable, null means "none yet".
+        if redis_state.backlog is not None:
+            body["usage_backlog"] = redis_state.backlog
+        if redis_state.lag_s is not None:
+            body["usage_lag_s"] = round(redis_state.lag_s, 1)
+            if redis_state.lag_s > float(get_config()["AGGREGATION_STALE_AFTER"]):
+                problems.append("aggregation_stale")
+        body["last_aggregation"] = redis_state.last_aggregation
+        body["last_aggregation_age_s"] = probes.age(redis_state.last_aggregation)
+    else:
+        body["redis"] = {"ok": False, "error": redis_state.error}
+        problems.append("redis_unreachable")
+    body["database"] = {"ok": True} if database.up else {"ok": False, "error": database.error}
+    if not database.up:
+        problems.append("database_unreachable")
+    if broker is not None:
+        body["broker"] = {"ok": True} if broker.up else {"ok": False, "error": broker.error}
+        if not broker.up:
+            problems.append("broker_unreachable")
+    if not snapshot.available:
+        problems.append("policies_unavailable")
     body["policies_loaded"] = sorted(snapshot.policies)
     body["kill_switch"] = snapshot.kill_switch
-    body["status"] = "ok" if status == 200 else "unavailable"
-    return JsonResponse(body, status=status)
+    unavailable = not redis_state.up or not snapshot.available
+    body["status"] = "unavailable" if unavailable else "degraded" if problems else "ok"
+    body["problems"] = problems
+    return JsonResponse(body, status=503 if unavailable else 200)

@@ -6,11 +6,14 @@ import time
 import uuid
 
 import pytest
+import redis as redis_lib
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from ragcache import metrics, store
+from ragcache import connection, metrics, store
+from ragcache.aggregation import aggregate
 from ragcache.services import cache_service
+from ragcache.usage import event_header
 
 Samples = dict[tuple[str, frozenset], float]
 
@@ -36,17 +39,23 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
 
 
 def exported_sample_names() -> set[str]:
-    """The sample names ragcache's metrics produce, read from the live registry."""
+    """The sample names ragcache's metrics produce: the live registry's, plus the gauges
+    every /metrics scrape reads afresh (metrics.SCRAPE_GAUGES)."""
     suffixes = {
         "counter": ("_total", "_created"),
         "gauge": ("",),
         "histogram": ("_bucket", "_count", "_sum", "_created"),
     }
-    names = set()
+    names = set(metrics.SCRAPE_GAUGES)
     for family in REGISTRY.collect():
         if family.name.startswith("ragcache_"):
             names.update(family.name + suffix for suffix in suffixes[family.type])
     return names
+
+
+def gauges(samples: Samples) -> dict[str, float]:
+    """The scrape-time gauges present in a scrape (label-less), by name."""
+    return {name: v for (name, labels), v in samples.items() if name in metrics.SCRAPE_GAUGES and not labels}
 
 
 def answer(text: str, prompt_tokens: int = 12, completion_tokens: int = 30, cost: str = "0.0042") -> dict:
@@ -60,7 +69,8 @@ def answer(text: str, prompt_tokens: int = 12, completion_tokens: int = 30, cost
 def wait_breaker_closed() -> None:
     # The breaker re-probes Redis after BREAKER_COOLDOWN (set tiny by the tests).
     deadline = time.monotonic() + 5
-    while store.breaker.open_until and time.monotonic() < store.breaker.open_until and time.monotonic() < deadline:
+    breaker = connection.breaker
+    while breaker.open_until and time.monotonic() < breaker.open_until and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -121,21 +131,97 @@ def test_known_sequence_moves_counters_by_exact_deltas(client, private_redis, po
 
 
 @pytest.mark.django_db
-def test_backlog_and_last_aggregation_gauges_are_read_at_scrape_time(client, policy_factory):
-    from ragcache.usage import aggregate
-
+def test_backlog_lag_and_last_aggregation_are_read_at_scrape_time(client, policy_factory, redis_client):
     policy_factory("default")
+    first = scrape(client)
+    # A fresh prefix: nothing waits (known: 0 events, 0 s behind), and no run was ever
+    # recorded, so the timestamp has no sample rather than a 0 that means 1970.
+    assert gauges(first)["ragcache_usage_backlog"] == 0
+    assert gauges(first)["ragcache_usage_lag_seconds"] == 0
+    assert "ragcache_last_aggregation_timestamp_seconds" not in gauges(first)
+
     cache_service.get_or_call("backlog question", lambda: answer("backlog answer"), model="m")
+    # One event written 90 s ago (by the Redis clock) to another shard's stream.
+    seconds, micros = redis_client.time()
+    old_id = f"{seconds * 1000 + micros // 1000 - 90_000}-0"
+    stream = store.current_layout().streams[7]
+    redis_client.xadd(stream, {"r": "miss", "h": event_header("default", "m", "s" * 16, "k" * 16)}, id=old_id)
     samples = scrape(client)
-    assert value(samples, "ragcache_usage_backlog") == 2  # miss + store events, not yet aggregated
+    assert value(samples, "ragcache_usage_backlog") == 3  # miss + store events, and the old one
+    assert 90 <= value(samples, "ragcache_usage_lag_seconds") < 150
     started = time.time()
     result = aggregate()
-    assert result.ingested == 2
+    assert result.ingested == 3
     samples = scrape(client)
     assert value(samples, "ragcache_usage_backlog") == 0
+    assert value(samples, "ragcache_usage_lag_seconds") == 0
     assert value(samples, "ragcache_last_aggregation_timestamp_seconds") >= int(started)
     assert value(samples, "ragcache_aggregation_runs_total", result="ok") >= 1
     assert value(samples, "ragcache_aggregation_seconds_count") >= 1
+
+
+@pytest.mark.django_db
+def test_redis_outage_scrape_has_no_sentinel_values(client, private_redis, policy_factory, settings):
+    """While Redis is unreachable, what cannot be read has no sample: no 0 timestamp (an
+    alert would read "57 years"), no 0 backlog or lag, no memory state. Redis down is
+    said by ragcache_redis_up 0 alone; the database is still known to be up."""
+    settings.RAGCACHE = {**settings.RAGCACHE, "BREAKER_COOLDOWN": 0.05}
+    policy_factory("default")
+    cache_service.get_or_call("outage question", lambda: answer("outage answer"), model="m")
+    aggregate()
+    cache_service.get_or_call("outage question", lambda: pytest.fail("must be a hit"), model="m")
+    up = gauges(scrape(client))
+    assert up["ragcache_redis_up"] == 1 and up["ragcache_database_up"] == 1
+    assert up["ragcache_usage_backlog"] == 1  # the hit's event
+    assert up["ragcache_last_aggregation_timestamp_seconds"] > 1.7e9
+    assert up["ragcache_redis_masters_full"] == 0
+
+    private_redis.stop()
+    text = client.get("/metrics").content.decode()
+    down = scrape(client)
+    present = gauges(down)
+    broker = present.pop("ragcache_broker_up", None)
+    assert broker in (0.0, 1.0, None)  # the test settings' broker: its own server, not this one
+    assert present == {"ragcache_redis_up": 0.0, "ragcache_database_up": 1.0}
+    for name in ("ragcache_last_aggregation_timestamp_seconds", "ragcache_usage_backlog",
+                 "ragcache_usage_lag_seconds", "ragcache_redis_masters_full"):
+        assert f"\n{name} " not in text  # not even as a sample line of another shape
+        assert f"# TYPE {name} gauge" not in text
+    # Fixed label sets start at 0 and count the outage as it is.
+    assert value(down, "ragcache_redis_errors_total", kind="connection") >= 1
+    assert ("ragcache_aggregation_runs_total", frozenset({"result": "error"}.items())) in down
+
+    private_redis.start()  # same port, empty: nothing waits and no run is recorded there
+    wait_breaker_closed()
+    back = gauges(scrape(client))
+    assert back["ragcache_redis_up"] == 1 and back["ragcache_usage_backlog"] == 0
+    assert back["ragcache_usage_lag_seconds"] == 0
+    assert "ragcache_last_aggregation_timestamp_seconds" not in back
+
+
+@pytest.mark.django_db
+def test_redis_refusing_writes_is_a_metric_of_its_own(client, private_redis, policy_factory):
+    """maxmemory reached under noeviction: Redis answers (up 1) but refuses writes; hits
+    go on, stores are refused as redis_full and usage events are counted as lost."""
+    policy_factory("default")
+    cache_service.get_or_call("full question", lambda: answer("full answer"), model="m")
+    before = scrape(client)
+    assert gauges(before)["ragcache_redis_masters_full"] == 0
+    server = redis_lib.Redis(port=private_redis.port)
+    server.config_set("maxmemory-policy", "noeviction")
+    server.config_set("maxmemory", 1)
+    try:
+        assert cache_service.get_or_call("full question", lambda: pytest.fail("a hit"), model="m").hit
+        assert not cache_service.get_or_call("another question", lambda: answer("new"), model="m").stored
+        during = scrape(client)
+    finally:
+        server.config_set("maxmemory", 0)
+        server.close()
+    assert gauges(during)["ragcache_redis_up"] == 1
+    assert gauges(during)["ragcache_redis_masters_full"] == 1
+    assert delta(before, during, "ragcache_usage_events_lost_total", reason="redis_full") >= 2
+    assert delta(before, during, "ragcache_refusals_total", policy="default", reason="redis_full") == 1
+    assert gauges(scrape(client))["ragcache_redis_masters_full"] == 0
 
 
 @pytest.mark.django_db
@@ -159,7 +245,7 @@ def test_labels_never_carry_scope_key_or_prompt(client, policy_factory):
         if family.name.startswith("ragcache_"):
             for sample in family.samples:
                 label_names.update(sample.labels)
-    assert label_names <= {"policy", "result", "model", "reason", "le"}
+    assert label_names <= {"policy", "result", "model", "reason", "kind", "le"}
 
 
 def test_contract_metric_names_and_types_are_exported():
@@ -167,7 +253,9 @@ def test_contract_metric_names_and_types_are_exported():
     for name in ("ragcache_lookups_total", "ragcache_stores_total", "ragcache_tokens_avoided_total",
                  "ragcache_cost_avoided_total", "ragcache_aggregation_runs_total", "ragcache_lookup_seconds_bucket",
                  "ragcache_entry_bytes_bucket", "ragcache_aggregation_seconds_bucket", "ragcache_usage_backlog",
-                 "ragcache_redis_up", "ragcache_last_aggregation_timestamp_seconds"):
+                 "ragcache_redis_up", "ragcache_last_aggregation_timestamp_seconds", "ragcache_usage_lag_seconds",
+                 "ragcache_database_up", "ragcache_broker_up", "ragcache_redis_masters_full",
+                 "ragcache_usage_events_lost_total", "ragcache_redis_errors_total"):
         assert name in names
     assert metrics.LOOKUPS._labelnames == ("policy", "result")
     assert metrics.STORES._labelnames == ("policy", "result")

@@ -1,6 +1,7 @@
 """Prometheus multiprocess mode, for real: metrics recorded in one process (a script, a
 Celery pool process, a gunicorn worker) show up in a /metrics scrape served by another,
-and exiting processes' live gauges are cleaned up.
+and the gauges of a scrape are read by the process serving it (none is in the shared
+files, where an exited process would keep speaking for the present).
 
 The pytest process itself is not in multiprocess mode (prometheus_client picks its value
 class at import), so every metrics-producing process here is a subprocess.
@@ -8,7 +9,6 @@ class at import), so every metrics-producing process here is a subprocess.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -44,8 +44,8 @@ def environment(mp_dir: Path, prefix: str, **extra: str) -> dict[str, str]:
         RAGCACHE_KEY_PREFIX=prefix,
         REDIS_URL=REDIS_URL,
         PYTHONPATH=str(ROOT),
-        **extra,
     )
+    env.update(extra)
     return env
 
 
@@ -64,14 +64,33 @@ def parse(text: str) -> dict[tuple[str, frozenset], float]:
     }
 
 
-def live_gauge_pids(mp_dir: Path) -> set[int]:
-    return {int(m[1]) for p in mp_dir.iterdir() if (m := re.fullmatch(r"gauge_live\w+?_(\d+)\.db", p.name))}
+def migrated_sqlite(tmp_path: Path, env: dict[str, str]) -> dict[str, str]:
+    """``env`` with DATABASE_URL at a fresh, migrated SQLite file of the test's own."""
+    env = {**env, "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}"}
+    env.pop("DATABASE_TEST_NAME", None)
+    migrate = subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], env=env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert migrate.returncode == 0, migrate.stderr[-3000:]
+    return env
+
+
+def scrape_gauge_files(mp_dir: Path) -> set[str]:
+    """The SCRAPE_GAUGES found in the multiprocess files: there must be none, else a process
+    (perhaps long gone) would speak for the present."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from ragcache.metrics import SCRAPE_GAUGES
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(mp_dir))
+    return {family.name for family in registry.collect()} & set(SCRAPE_GAUGES)
 
 
 def test_counter_from_one_process_is_scraped_by_another(tmp_path, ragcache_prefix):
     mp_dir = tmp_path / "prom"
     mp_dir.mkdir()
-    env = environment(mp_dir, ragcache_prefix)
+    env = migrated_sqlite(tmp_path, environment(mp_dir, ragcache_prefix))
     increment = """
         import os
         import django
@@ -83,6 +102,17 @@ def test_counter_from_one_process_is_scraped_by_another(tmp_path, ragcache_prefi
         print(os.getpid())
     """
     pids = {int(run_python(increment.format(n=n), env)) for n in (2, 3)}
+    # A third writer whose Redis is unreachable: its breaker saw Redis down.
+    dead = {**env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    run_python("""
+        import django
+        django.setup()
+        from ragcache import metrics
+        from ragcache.services import cache_service
+        assert cache_service.get_cached_response("q", model="m") is None
+        assert metrics.REDIS_UP.get() == 0
+    """, dead)
+    assert not scrape_gauge_files(mp_dir)
 
     text = run_python(SCRAPE, env)
     samples = parse(text)
@@ -92,9 +122,14 @@ def test_counter_from_one_process_is_scraped_by_another(tmp_path, ragcache_prefi
     assert samples[("ragcache_tokens_avoided_total", frozenset({**mp, "model": "gpt-x"}.items()))] == 50
     assert samples[("ragcache_lookup_seconds_count", frozenset(mp.items()))] == 2
     assert samples[("ragcache_lookup_seconds_bucket", frozenset({**mp, "le": "0.0005"}.items()))] == 2
-    # The scraper read the backlog from Redis at scrape time, and so saw Redis up.
+    # The scraper read Redis, the database and the backlog itself, at scrape time: the
+    # writer that saw Redis down is not part of it, and each gauge is one sample.
     assert samples[("ragcache_redis_up", frozenset())] == 1
     assert samples[("ragcache_usage_backlog", frozenset())] == 0
+    assert samples[("ragcache_usage_lag_seconds", frozenset())] == 0
+    assert samples[("ragcache_database_up", frozenset())] == 1
+    assert [name for name, _ in samples].count("ragcache_redis_up") == 1
+    assert ("ragcache_last_aggregation_timestamp_seconds", frozenset()) not in samples  # never ran: no sample
     assert {f"counter_{pid}.db" for pid in pids} <= {p.name for p in mp_dir.iterdir()}
 
 
@@ -105,13 +140,9 @@ def test_celery_worker_metrics_reach_the_web_scrape(tmp_path, ragcache_prefix):
     mp_dir = tmp_path / "prom"
     mp_dir.mkdir()
     queue = f"rctest-{uuid.uuid4().hex[:8]}"
-    env = environment(mp_dir, ragcache_prefix, DATABASE_URL=f"sqlite:///{tmp_path / 'worker.sqlite3'}",
-                      CELERY_QUEUE=queue, RAGCACHE_LOG_LEVEL="WARNING")
-    env.pop("DATABASE_TEST_NAME", None)
-    migrate = subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], env=env, cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
-    assert migrate.returncode == 0, migrate.stderr[-3000:]
-    others = live_gauge_pids(mp_dir)  # migrate imported the metrics too
+    env = migrated_sqlite(tmp_path, environment(mp_dir, ragcache_prefix, CELERY_QUEUE=queue,
+                                                RAGCACHE_LOG_LEVEL="WARNING"))
+    before = {p.name for p in mp_dir.iterdir()}  # migrate imported the metrics too
 
     worker_log = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen(
@@ -134,12 +165,12 @@ def test_celery_worker_metrics_reach_the_web_scrape(tmp_path, ragcache_prefix):
             print(os.getpid())
         """, env))
         deadline = time.monotonic() + 60
-        while client.get(f"{ragcache_prefix}:aggregation:last") is None:
+        while client.get(f"{ragcache_prefix}:2:aggregation:last") is None:
             assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the worker did not run aggregate_usage within 60 s"
             time.sleep(0.1)
-        worker_pids = live_gauge_pids(mp_dir) - others - {producer_pid}
-        assert worker.pid in worker_pids and len(worker_pids) >= 2  # the main process and its pool process
+        worker_files = {p.name for p in mp_dir.iterdir()} - before - {f"counter_{producer_pid}.db"}
+        assert f"counter_{worker.pid}.db" in worker_files and len(worker_files) >= 2  # main and pool process
     finally:
         worker.send_signal(signal.SIGTERM)  # warm shutdown: the shutdown signals run
         try:
@@ -153,7 +184,9 @@ def test_celery_worker_metrics_reach_the_web_scrape(tmp_path, ragcache_prefix):
         broker.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")  # this test's only
         broker.close()
 
-    assert not live_gauge_pids(mp_dir) & worker_pids  # worker_process_shutdown / worker_shutdown ran
+    # The worker and beat set ragcache_redis_up and the last aggregation time in their own
+    # memory; none of it is in the files, so no exited process speaks for the present.
+    assert not scrape_gauge_files(mp_dir)
     samples = parse(run_python(SCRAPE, env))
     default = {"policy": "default"}
     assert samples[("ragcache_lookups_total", frozenset({**default, "result": "miss"}.items()))] == 1
@@ -165,18 +198,19 @@ def test_celery_worker_metrics_reach_the_web_scrape(tmp_path, ragcache_prefix):
     assert samples[("ragcache_aggregated_events_total", frozenset())] == 3  # miss, store, hit
     assert samples[("ragcache_aggregation_seconds_count", frozenset())] == 1
     assert samples[("ragcache_usage_backlog", frozenset())] == 0
-    assert samples[("ragcache_last_aggregation_timestamp_seconds", frozenset())] > 0
+    assert samples[("ragcache_last_aggregation_timestamp_seconds", frozenset())] > 1.7e9  # read from Redis
 
 
 @pytest.mark.slow
-def test_gunicorn_workers_share_metrics_and_child_exit_cleans_up(tmp_path, ragcache_prefix):
+def test_gunicorn_workers_share_metrics_and_each_scrape_reads_its_own_gauges(tmp_path, ragcache_prefix):
     """project/gunicorn.conf.py with two workers recycled every 3 requests: each scrape
     counts every earlier request although the processes that served them are gone, and
-    the child_exit hook removes the gone workers' live gauges."""
+    its gauges are the answering worker's own readings, one sample each."""
     mp_dir = tmp_path / "prom"
     port = free_port()
-    env = environment(mp_dir, ragcache_prefix, DATABASE_URL=f"sqlite:///{tmp_path / 'web.sqlite3'}",
-                      WEB_CONCURRENCY="2", RAGCACHE_LOG_LEVEL="WARNING")
+    mp_dir.mkdir()
+    env = migrated_sqlite(tmp_path, environment(mp_dir, ragcache_prefix, WEB_CONCURRENCY="2",
+                                                RAGCACHE_LOG_LEVEL="WARNING"))
     server_log = (tmp_path / "gunicorn.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "project/gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
@@ -197,13 +231,17 @@ def test_gunicorn_workers_share_metrics_and_child_exit_cleans_up(tmp_path, ragca
         wait_for(lambda: _get(port, "/ragcache/health") is not None, "gunicorn answering")
         seen = []
         for _ in range(12):
-            seen.append(parse(_get(port, "/metrics"))[view])
+            samples = parse(_get(port, "/metrics"))
+            seen.append(samples[view])
+            # Whichever worker answered, one reading of each gauge, taken by that worker now.
+            assert [name for name, _ in samples].count("ragcache_redis_up") == 1
+            assert samples[("ragcache_redis_up", frozenset())] == 1
+            assert samples[("ragcache_database_up", frozenset())] == 1
         # Consecutive although no process served more than three of these requests.
         assert seen == [seen[0] + i for i in range(12)]
         served_by = {p.name for p in mp_dir.glob("counter_*.db")}
         assert len(served_by) >= 5  # at least four recycled workers plus the current ones
-        # Exited workers' live gauges are gone: only the two running workers remain.
-        wait_for(lambda: len(live_gauge_pids(mp_dir)) <= 2, "child_exit removing exited workers' gauges")
+        assert not scrape_gauge_files(mp_dir)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
