@@ -92,7 +92,8 @@ def test_grafana_dashboard(exported):
 
 REQUIRED_ALERTS = {
     "RagcacheHitRateCollapse", "RagcacheRefusalSpike", "RagcacheUsageBacklogGrowing", "RagcacheRedisDown",
-    "RagcacheAggregationStale", "RagcacheAggregationFailing",
+    "RagcacheAggregationStale", "RagcacheAggregationFailing", "RagcacheRedisRefusingWrites", "RagcacheDatabaseDown",
+    "RagcacheBrokerDown", "RagcacheMetricsMissing",
 }
 
 
@@ -113,5 +114,19 @@ def test_prometheus_alert_rules(exported):
     assert len(alerts) == sum(len(g["rules"]) for g in rules_file["groups"])  # names are unique
     assert "ragcache_redis_up" in alerts["RagcacheRedisDown"]["expr"]
     assert alerts["RagcacheRedisDown"]["labels"]["severity"] == "critical"
-    assert 'result="refused"' in alerts["RagcacheRefusalSpike"]["expr"]
-    assert "ragcache_last_aggregation_timestamp_seconds" in alerts["RagcacheAggregationStale"]["expr"]
+    assert 'reason!="redis_full"' in alerts["RagcacheRefusalSpike"]["expr"]
+    assert "ragcache_usage_lag_seconds" in alerts["RagcacheAggregationStale"]["expr"]
+    for name, rule in alerts.items():
+        # No "or vector(0)", "absent() * ..." or "time() - (x or 0)": an unknown value stays unknown.
+        assert not re.search(r"\bor\s+vector\(|\bor\s+on\s*\(\)\s*vector\(", rule["expr"]), name
+        if name != "RagcacheMetricsMissing":
+            assert "absent(" not in rule["expr"], name
+    # Each outage's alert is kept quiet by nothing but a cause upstream of it.
+    assert "unless" not in alerts["RagcacheRedisDown"]["expr"]
+    assert "unless" not in alerts["RagcacheDatabaseDown"]["expr"]
+    for symptom in ("RagcacheAggregationStale", "RagcacheLookupErrors"):
+        assert "min(ragcache_redis_up) == 0" in alerts[symptom]["expr"], symptom
+    for cause in ("ragcache_redis_up", "ragcache_redis_masters_full", "ragcache_database_up", "ragcache_broker_up",
+                  'ragcache_aggregation_runs_total{result="error"}'):
+        assert cause in alerts["RagcacheAggregationStale"]["expr"].split("unless", 1)[1], cause
+
