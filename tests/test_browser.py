@@ -36,15 +36,26 @@ WIDTH = 1400
 PASSWORD = "browser-test-password"
 
 
+def _close_connections(**kwargs) -> None:
+    from django.db import connections
+
+    connections.close_all()
+
+
 @pytest.fixture(scope="module")
 def server():
-    """The project under uvicorn with the admin's static files (Django's own handler)."""
+    """The project under uvicorn with the admin's static files (Django's own handler). Its
+    threads close their database connections after each request (CONN_MAX_AGE would keep
+    them open past the test database's teardown, which PostgreSQL then refuses)."""
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
     from django.core.asgi import get_asgi_application
+    from django.core.signals import request_finished
 
+    request_finished.connect(_close_connections, dispatch_uid="test_browser.close_connections")
     live = LiveASGIServer(ASGIStaticFilesHandler(get_asgi_application())).start()
     yield live
     live.stop()
+    request_finished.disconnect(dispatch_uid="test_browser.close_connections")
 
 
 @pytest.fixture(scope="module")
