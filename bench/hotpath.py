@@ -618,6 +618,38 @@ def remote_worker(args) -> None:
 IO_WAIT = {"recv_into", "recv", "read", "poll", "select", "sendall", "send"}
 
 
+def _component(path: str) -> str:
+    path = path.replace("\\", "/")
+    if "/ragcache/" in path:
+        return "ragcache/" + path.rsplit("/ragcache/", 1)[1]
+    for marker, name in (("/redis/", "redis-py"), ("/logging/", "logging"),
+                         ("/prometheus_client/", "prometheus_client"), ("/django_redis/", "django-redis"),
+                         ("/django/", "django")):
+        if marker in path:
+            return name
+    return "other Python"
+
+
+def calls_by_component(fn: Callable[[], Any], n: int) -> dict[str, float]:
+    """Function calls per call of ``fn`` by component, counted by cProfile: a count, so
+    the same on a quiet and a busy machine (C functions are counted as "built-in")."""
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(n):
+        fn()
+    profile.disable()
+    counts: dict[str, float] = {}
+    for (path, _line, _name), (_cc, calls, *_rest) in pstats.Stats(profile).stats.items():
+        component = "built-in (C) functions" if path == "~" else _component(path)
+        if component == "other Python" and path.endswith("hotpath.py"):
+            continue  # the bench's own lambda
+        counts[component] = counts.get(component, 0) + calls
+    return {k: round(v / n, 1) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
 def _by_component(frame, seconds: dict[str, float], parent: str = "other") -> None:
     """Self time of every frame of a pyinstrument tree, summed per component: socket
     calls, redis-py, each ragcache module, logging, prometheus_client, other; a built-in
@@ -676,6 +708,8 @@ def run_profile(ctx: Ctx) -> dict:
                                       "cpu_us_per_call": round(session.cpu_time / n * 1e6, 1),
                                       "us_per_call_by_component": per_call}
         texts.append(f"### {case.name}\n" + profiler.output_text(unicode=False, color=False, show_all=False))
+        result["cases"][case.name]["python_calls_per_call"] = calls_by_component(case.fn, 2000)
+        steps.drain()
     path = _common.RESULTS / "profile-hit.txt"
     path.write_text("\n\n".join(texts))
     result["load_after"] = _common.load_average()
@@ -692,6 +726,12 @@ def run_profile(ctx: Ctx) -> dict:
     rows.append({"component": "CPU time of the process", **{name: result["cases"][name]["cpu_us_per_call"]
                                                              for name in names}})
     _common.print_rows([("component", "component", "")] + [(name, name[:28], ".1f") for name in names], rows)
+    calls = {name: result["cases"][name]["python_calls_per_call"] for name in names}
+    components = list(dict.fromkeys(k for name in reversed(names) for k in calls[name]))
+    print("   function calls per call, counted by cProfile over 2,000 calls (a count: repeatable):")
+    _common.print_rows([("component", "component", "")] + [(name, name[:28], ".1f") for name in names],
+                       [{"component": c, **{name: calls[name].get(c) for name in names}} for c in components]
+                       + [{"component": "total", **{name: round(sum(calls[name].values()), 1) for name in names}}])
     print(texts[-1])
     print(f"   (both trees: {path})")
     return result
@@ -731,11 +771,15 @@ def run_callgrind(ctx: Ctx) -> dict:
            "--callgrind-worker", "--prefix", ctx.prefix, "--helper", str(helper),
            "--callgrind-calls", str(ctx.args.callgrind_calls)]
     print("\n== callgrind: running the cases under valgrind (slow: a few minutes) ...", flush=True)
-    done = subprocess.run(cmd, env=dict(os.environ, PYTHONMALLOC="malloc"), capture_output=True, text=True,
-                          timeout=1800)
+    # Under valgrind everything runs ~50x slower: the shipped 0.1 s socket timeout would
+    # fire and turn hits into (cheap) misses. Counting instructions needs no timeout.
+    done = subprocess.run(cmd, env=dict(os.environ, PYTHONMALLOC="malloc", RAGCACHE_SOCKET_TIMEOUT="10",
+                                        RAGCACHE_CONNECT_TIMEOUT="10"),
+                          capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise SystemExit(f"callgrind worker failed:\n{done.stderr[-3000:]}")
-    names = json.loads(done.stdout.strip().splitlines()[-1])["cases"]
+    output = json.loads(done.stdout.strip().splitlines()[-1])
+    names, failures = output["cases"], output["failures"]
     counts = _read_dumps(outdir)
     n = ctx.args.callgrind_calls
     rows = []
@@ -748,21 +792,85 @@ def run_callgrind(ctx: Ctx) -> dict:
         # The writer's figure is net of the counting's own step line (~450 instructions a call).
         others = max(0, sum(v for t, v in threads.items() if t != 1) - sum(v for t, v in empty.items() if t != 1))
         rows.append({"case": name, "instructions_request_thread": round(main / n),
-                     "instructions_other_threads": round(others / n), "instructions_total": round((main + others) / n)})
+                     "instructions_other_threads": round(others / n), "instructions_total": round((main + others) / n),
+                     "failures": failures.get(name, 0)})
     by = {r["case"]: r for r in rows}
     for row in rows:
         ref = by.get("async raw redis.asyncio GET" if row["case"].startswith("async ") else "raw redis-py GET", {})
         raw = ref.get("instructions_total")
         row["ratio"] = round(row["instructions_total"] / raw, 2) if raw else None
-    print(f"   {started}; {n} calls per case after warm-up, PYTHONMALLOC=malloc, minus an empty loop; "
-          f"per call, client side (the bench process; Redis's own work is not counted)")
+    print(f"   {started}; {n} calls per case after warm-up, PYTHONMALLOC=malloc, socket timeout 10 s, minus an "
+          f"empty loop; per call, client side (the bench process; Redis's own work is not counted); fail = calls "
+          f"that missed (then the row is not a hit's cost)")
     _common.print_rows([("case", "case", ""), ("instructions_request_thread", "request thread", ",d"),
                         ("instructions_other_threads", "writer thread", ",d"),
-                        ("instructions_total", "total", ",d"), ("ratio", "x raw GET", ".2f")], rows)
+                        ("instructions_total", "total", ",d"), ("ratio", "x raw GET", ".2f"),
+                        ("failures", "fail", "d")], rows)
     print("   x raw GET: against raw redis-py GET (sync rows) or raw redis.asyncio GET (async rows, one "
           "coroutine at a time)")
+    objects = _by_object(outdir, n)
+    if objects:
+        # The empty loop's own instructions are not subtracted here (a few hundred a call).
+        names = [c for c in OBJECT_CASES if c in objects]
+        keys = list(dict.fromkeys(k for c in names for k in objects[c]))[:12]
+        print("   request thread by shared object, self instructions per call (top 12):")
+        _common.print_rows([("object", "object", "")] + [(c, c[:34], ",d") for c in names],
+                           [{"object": k, **{c: objects[c].get(k, 0) for c in names}} for k in keys])
     print(f"   dumps: {outdir} (callgrind_annotate <file> for the C-level breakdown)")
-    return {"started": started, "calls": n, "rows": rows}
+    return {"started": started, "calls": n, "rows": rows, "by_object": objects}
+
+
+OBJECT_CASES = ("raw redis-py GET", "ragcache hit, shipped logging (step 63 at INFO, queued)",
+                "ragcache hit, step log at WARNING")
+
+
+def _self_by_object(path: Path) -> dict[str, int]:
+    """Self instructions by shared object, read from a callgrind dump: a cost line is the
+    current function's own cost unless it follows a ``calls=`` line (then it is the
+    inclusive cost of that call, which belongs to the callee)."""
+    names: dict[str, str] = {}
+    totals: dict[str, int] = {}
+    current = "?"
+    after_calls = False
+    with path.open() as dump:
+        for line in dump:
+            if line.startswith(("ob=", "cob=")):
+                ref, _, name = line.split("=", 1)[1].strip().partition(" ")
+                if name:
+                    names[ref] = name
+                if line.startswith("ob="):
+                    current = ref
+            elif line.startswith("calls="):
+                after_calls = True
+            elif line[:1].isdigit() or line[:1] in "+-*":
+                parts = line.split()
+                if after_calls:
+                    after_calls = False
+                elif len(parts) >= 2:
+                    totals[current] = totals.get(current, 0) + int(parts[1])
+    return {names.get(ref, ref): count for ref, count in totals.items()}
+
+
+def _by_object(outdir: Path, n: int) -> dict[str, dict[str, int]]:
+    """Self instructions per call by shared object (libpython, libc, hiredis, orjson, ...)
+    for a few cases' request thread."""
+    import re
+
+    result: dict[str, dict[str, int]] = {}
+    for path in sorted(outdir.iterdir()):
+        if not path.name.startswith("cg.out.") or not path.name.endswith("-01"):
+            continue
+        with path.open() as dump:
+            trigger = next((line.split("Client Request: ", 1)[1].strip() for line in dump
+                            if line.startswith("desc: Trigger: Client Request: ")), None)
+        if trigger not in OBJECT_CASES:
+            continue
+        objects: dict[str, int] = {}
+        for obj, count in _self_by_object(path).items():
+            name = re.sub(r"\.cpython-\d+.*\.so$", ".so", os.path.basename(obj))
+            objects[name] = objects.get(name, 0) + count
+        result[trigger] = {k: round(v / n) for k, v in sorted(objects.items(), key=lambda kv: -kv[1])}
+    return result
 
 
 def _read_dumps(outdir: Path) -> dict[str, dict[int, int]]:
@@ -812,26 +920,33 @@ def callgrind_worker(args) -> None:
         steplog.log_step(63, attrs, logging.CRITICAL)  # CRITICAL: passes any level set by a case
         steps.drain()
 
-    def sync_batch(fn):
-        def batch(n: int) -> None:
+    def sync_batch(fn, ok):
+        def batch(n: int) -> int:
+            failed = 0
             for _ in range(n):
-                fn()
+                if not ok(fn()):
+                    failed += 1
+            return failed
         return batch
 
     loop = asyncio.new_event_loop()
 
     def async_batch(afn):
-        async def calls(n: int) -> None:
+        async def calls(n: int) -> int:
+            failed = 0
             for _ in range(n):
-                await afn()
+                if not await afn():
+                    failed += 1
+            return failed
         return lambda n: loop.run_until_complete(calls(n))
 
     async def nop():
         return True
 
-    runs = [(case.name, sync_batch(case.fn), case.before, case.after) for case in cases]
+    runs = [(case.name, sync_batch(case.fn, case.ok), case.before, case.after) for case in cases]
     runs += [(f"async {name}", async_batch(afn), before, steps.drain) for name, afn, before in async_cases(steps)]
     runs.insert(len(cases), ("async empty loop", async_batch(nop), None, None))
+    failures: dict[str, int] = {}
     for name, batch, before, after in runs:
         for _ in range(5):
             if before:
@@ -846,13 +961,13 @@ def callgrind_worker(args) -> None:
         gc.collect()
         lib.rc_zero()
         lib.rc_toggle()
-        batch(args.callgrind_calls)
+        failures[name] = batch(args.callgrind_calls)
         steps.drain()
         lib.rc_toggle()
         lib.rc_dump(name.encode())
         in_writer(lambda name=name: (lib.rc_toggle(), lib.rc_dump(name.encode())))
     loop.close()
-    print(json.dumps({"cases": [name for name, *_ in runs]}), flush=True)
+    print(json.dumps({"cases": [name for name, *_ in runs], "failures": failures}), flush=True)
 
 
 def async_cases(steps: StepLog) -> list[tuple[str, Callable[[], Any], Callable[[], None]]]:
