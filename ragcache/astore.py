@@ -66,6 +66,13 @@ async def guarded(coro_fn, *args, shard: int | None = None) -> Any:
     except (redis.RedisError, OSError) as exc:
         breaker.failed(exc)
         raise RedisUnavailable(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001
+        # redis.asyncio's cluster client can fail with more than RedisError when a master
+        # dies: e.g. AttributeError ('NoneType' has no 'writelines') when a concurrent
+        # command's failure closed the connection this one was about to write to. Still
+        # Redis trouble, never the caller's (kind "other" in ragcache_redis_errors_total).
+        breaker.failed(exc)
+        raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
     breaker.succeeded()
     return result
 

@@ -362,10 +362,15 @@ def release_lock(lock_key: str, token: str) -> None:
 
 
 def ping() -> float:
-    """Round-trip time of a PING in seconds, bypassing the breaker: health tells the truth."""
+    """Round-trip time of a PING in seconds, bypassing the breaker: health tells the truth.
+    On a cluster, of the first master that answers: one master down is a partial outage
+    (see ``nodes()``), not "Redis unreachable" (redis-py would ping only its default node)."""
     started = time.perf_counter()
     try:
-        connection.client().ping()
+        if connection.cluster_mode():
+            started = _ping_any(_masters(connection.client()))
+        else:
+            connection.client().ping()
     except (redis.RedisError, OSError) as exc:
         connection.breaker.failed(exc)
         raise RedisUnavailable(str(exc)) from exc
@@ -373,10 +378,36 @@ def ping() -> float:
     return time.perf_counter() - started
 
 
+def _ping_any(masters: list[Any]) -> float:
+    """PING each master until one answers; returns when that PING began."""
+    error: BaseException = redis.ConnectionError("the cluster has no master")
+    for master in masters:
+        started = time.perf_counter()
+        try:
+            master.ping()
+            return started
+        except (redis.RedisError, OSError) as exc:
+            error = exc
+    raise error
+
+
 def nodes() -> list[dict[str, Any]]:
-    """Each master's address, reachability and memory state (for health and metrics)."""
-    out = []
+    """Each master's address, reachability and memory state (for health and metrics). On a
+    cluster, a master that does not answer makes the client map the slots again first, so
+    that a replica promoted meanwhile is listed instead of the master it replaced."""
     client = connection.client("bulk")
+    out = _nodes(client)
+    if connection.cluster_mode() and not all(node["up"] for node in out):
+        try:
+            client.nodes_manager.initialize()
+        except redis.exceptions.RedisClusterException:  # no node answered: what we saw stands
+            return out
+        out = _nodes(client)
+    return out
+
+
+def _nodes(client) -> list[dict[str, Any]]:
+    out = []
     for node in _masters(client):
         kwargs = node.connection_pool.connection_kwargs
         address = f"{kwargs.get('host', kwargs.get('path', '?'))}:{kwargs.get('port', '')}"
