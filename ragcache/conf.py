@@ -30,7 +30,10 @@ DEFAULTS: dict[str, Any] = {
     "LOCK_WAIT": 10.0,
     "LOCK_POLL_INTERVAL": 0.02,
     # After a Redis error, skip Redis for this long, then let one call probe it (seconds).
+    # A refused or dropped connection opens the breaker at once; timeouts only after this
+    # many in a row.
     "BREAKER_COOLDOWN": 1.0,
+    "BREAKER_TIMEOUTS": 3,
     # Backstop (seconds) for policy edits Redis never heard of (e.g. QuerySet.update).
     "POLICY_MAX_AGE": 60.0,
     # While the database cannot load the policies, try again at most this often (seconds).

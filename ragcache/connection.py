@@ -68,9 +68,14 @@ def error_kind(exc: BaseException) -> str:
 
 
 class Breaker:
+    """Opens at once when Redis refuses or drops connections; on timeouts only after
+    ``BREAKER_TIMEOUTS`` in a row, since on a busy host one slow reply (or a reply waiting
+    for a saturated event loop) says little, while opening makes every call skip the cache."""
+
     def __init__(self) -> None:
         self.open_until = 0.0
         self.probing = False
+        self.timeouts = 0  # consecutive timeouts while closed
         self.seen = False  # no call has succeeded yet: ragcache_redis_up is not known
         self._lock = threading.Lock()
 
@@ -91,16 +96,24 @@ class Breaker:
             raise BreakerOpen("circuit breaker open")
 
     def failed(self, exc: BaseException) -> None:
+        kind = error_kind(exc)
+        metrics.child(metrics.REDIS_ERRORS, kind).inc()
         with self._lock:
             was_closed = not self.open_until
+            if was_closed and kind == "timeout":
+                self.timeouts += 1
+                if self.timeouts < int(get_config()["BREAKER_TIMEOUTS"]):
+                    return  # not yet: the next call tries Redis again
+            self.timeouts = 0
             self.open_until = time.monotonic() + float(get_config()["BREAKER_COOLDOWN"])
             self.probing = False
         metrics.REDIS_UP.set(0)
-        metrics.child(metrics.REDIS_ERRORS, error_kind(exc)).inc()
         if was_closed:
             logger.warning("ragcache: Redis unavailable (%s); serving without cache", type(exc).__name__)
 
     def succeeded(self) -> None:
+        if self.timeouts:
+            self.timeouts = 0
         if self.open_until or not self.seen:
             if self.open_until:
                 with self._lock:
@@ -113,6 +126,7 @@ class Breaker:
     def reset(self) -> None:
         self.open_until = 0.0
         self.probing = False
+        self.timeouts = 0
         self.seen = False
 
 

@@ -544,3 +544,21 @@ def test_a_run_that_dies_between_delete_and_acknowledge_leaves_nothing_behind(de
     assert store.backlog() == 0 and result.backlog == 0
     streams = store.current_layout().streams
     assert sum(redis_client.xpending(s, store.STREAM_GROUP)["pending"] for s in streams if redis_client.exists(s)) == 0
+
+
+@pytest.mark.slow
+def test_one_slow_reply_among_good_ones_does_not_open_the_breaker(private_redis, default_policy):
+    """On a busy host a reply can miss the socket timeout once; that is a miss, not an
+    outage: only BREAKER_TIMEOUTS timeouts in a row open the breaker."""
+    from ragcache import connection
+
+    assert cache_service.cache_response("q", answer(), model=MODEL)
+    sleeper = threading.Thread(target=lambda: redis_lib.Redis(port=private_redis.port).execute_command(
+        "DEBUG", "SLEEP", "0.25"), daemon=True)
+    sleeper.start()
+    time.sleep(0.05)
+    assert cache_service.get_cached_response("q", model=MODEL) is None  # this one timed out
+    sleeper.join(5)
+    assert connection.breaker.open_until == 0 and connection.breaker.timeouts == 1
+    assert cache_service.get_cached_response("q", model=MODEL) is not None  # the next one is served
+    assert connection.breaker.timeouts == 0
