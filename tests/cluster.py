@@ -69,7 +69,7 @@ class ClusterNode:
              "--cluster-enabled", "yes", "--cluster-port", str(self.bus_port),
              "--cluster-config-file", f"nodes-{self.port}.conf", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
              "--cluster-require-full-coverage", "no", "--cluster-replica-validity-factor", "0",
-             "--save", "", "--appendonly", "no", "--dir", str(self.directory),
+             "--repl-diskless-sync-delay", "0", "--save", "", "--appendonly", "no", "--dir", str(self.directory),
              "--logfile", f"redis-{self.port}.log", "--enable-debug-command", "local"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
