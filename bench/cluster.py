@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import _common  # noqa: E402
 
 MODEL = "gpt-4o-mini"
+ANSWER = {"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "x" * 1999}}],
+          "usage": {"prompt_tokens": 900, "completion_tokens": 450}}
 PIPELINE = 100
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -162,7 +164,12 @@ def client_main(args) -> None:
     else:
         import redis
 
-        calls = [lookup_call(q) for q in asked]
+        if args.client == "pipelined-store":
+            calls = [store_call(q) for q in asked]
+        elif args.client == "pipelined-miss":
+            calls = [lookup_call(f"{q} (never stored)") for q in asked]
+        else:
+            calls = [lookup_call(q) for q in asked]
         client = redis.Redis(port=args.master_port, socket_timeout=30)
         i = 0
         while time.time() < deadline:
@@ -173,7 +180,7 @@ def client_main(args) -> None:
                 pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *script_args)
             for reply in pipe.execute():
                 ops += 1
-                hits += reply[0] == b"hit"
+                hits += reply[0] in (b"hit", b"stored")
         client.close()
     print(json.dumps({"ops": ops, "hits": hits}))
 
@@ -181,12 +188,25 @@ def client_main(args) -> None:
 def lookup_call(question: str):
     """The LOOKUP script call ragcache makes for a plain get_cached_response of ``question``."""
     from ragcache import flows
-    from ragcache.effects import RELOAD, Run
-    from ragcache.policies import registry
 
     request = flows.make_request(question, model=MODEL, policy="default", scope=None, params=None,
                                  context_version=None)
-    flow = flows.get_cached_response(request)
+    return first_run(flows.get_cached_response(request))
+
+
+def store_call(question: str):
+    """The STORE script call ragcache makes for cache_response(``question``, a 2 KB answer)."""
+    from ragcache import flows
+
+    request = flows.make_request(question, model=MODEL, policy="default", scope=None, params=None,
+                                 context_version=None)
+    return first_run(flows.cache_response(request, ANSWER, 1200.0))
+
+
+def first_run(flow):
+    from ragcache.effects import RELOAD, Run
+    from ragcache.policies import registry
+
     effect = flow.send(None)
     while not isinstance(effect, Run):
         effect = flow.send(registry.reload() if effect is RELOAD else None)
@@ -195,7 +215,7 @@ def lookup_call(question: str):
 
 
 def run_clients(mode: str, args, master: ClusterNode, pin: bool) -> dict:
-    start_at = time.time() + 4.0  # every client set up (Django, policies) before the clock starts
+    start_at = time.time() + 3.0 + 1.0 * args.clients  # every client set up (Django, policies) before the clock
     procs = [subprocess.Popen(
         [*_common.taskset(0 if pin else None), sys.executable, __file__, "--client", mode, "--seconds",
          str(args.seconds), "--start-at", str(start_at), "--keys", str(args.keys), "--master-port",
@@ -212,9 +232,10 @@ def run_clients(mode: str, args, master: ClusterNode, pin: bool) -> dict:
     hits = sum(r["hits"] for r in results)
     ops = sum(r["ops"] for r in results)
     return {"mode": mode, "clients": args.clients, "seconds": args.seconds, "ops": ops, "hits": hits,
-            "hits_per_s": round(hits / args.seconds), "master_cpu_s": round(cpu_used, 2),
+            "ops_per_s": round(ops / args.seconds), "master_cpu_s": round(cpu_used, 2),
             "master_cpu_pct": round(100 * cpu_used / args.seconds, 1),
-            "hits_per_master_cpu_s": round(hits / cpu_used) if cpu_used else None}
+            "ops_per_master_cpu_s": round(ops / cpu_used) if cpu_used else None,
+            "master_cpu_us_per_op": round(1e6 * cpu_used / ops, 1) if ops else None}
 
 
 # --- costs ----------------------------------------------------------------------------------
@@ -241,9 +262,8 @@ def costs(master: ClusterNode, args, prefix: str) -> dict:
     from ragcache.keys import layout
     from ragcache.services import cache_service
 
-    answer = {"choices": [{"index": 0, "finish_reason": "stop", "message": {
-        "role": "assistant", "content": ("x" * (args.answer_bytes - 1)) + "."}}],
-        "usage": {"prompt_tokens": 900, "completion_tokens": 450}}
+    answer = {**ANSWER, "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": "x" * args.answer_bytes}}]}
     asked = questions(args.keys)
     client = master.client()
     used_before = int(client.info("memory")["used_memory"])
@@ -303,7 +323,8 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=2000)
     parser.add_argument("--replica", action="store_true", help="give the master a replica (pinned with the clients)")
     parser.add_argument("--no-pin", action="store_true")
-    parser.add_argument("--client", choices=("e2e", "pipelined"), help=argparse.SUPPRESS)
+    parser.add_argument("--client", choices=("e2e", "pipelined", "pipelined-miss", "pipelined-store"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--master-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -327,8 +348,8 @@ def main() -> None:
 
         registry.invalidate()
         cost = costs(master, args, prefix)
-        e2e = run_clients("e2e", args, master, pin)
-        pipelined = run_clients("pipelined", args, master, pin)
+        phases = [run_clients(mode, args, master, pin) for mode in ("e2e", "pipelined", "pipelined-miss",
+                                                                      "pipelined-store")]
         cost.update(stream_costs(master, prefix))
         placement = _common.Placement()
         placement.add("master", master.process.pid)
@@ -350,14 +371,16 @@ def main() -> None:
           f"{cost['hit_event_field_bytes']} bytes)")
     for name, commands in cost["commands"].items():
         print(f"   {name}: {commands.get('evalsha', 0)} round trip(s); commands {commands}")
+    print("   phases: e2e = get_cached_response hits from the client processes; pipelined = the same LOOKUP "
+          "hits sent 100 per pipeline; -miss = LOOKUPs of absent keys; -store = STOREs of 2 KB answers")
     _common.print_rows(
-        [("mode", "phase", ""), ("hits_per_s", "hits/s", "d"), ("master_cpu_pct", "master CPU %", ".1f"),
-         ("hits_per_master_cpu_s", "hits per master CPU-s", "d")],
-        [e2e, pipelined])
+        [("mode", "phase", ""), ("ops_per_s", "ops/s", "d"), ("master_cpu_pct", "master CPU %", ".1f"),
+         ("master_cpu_us_per_op", "master CPU µs/op", ".1f"), ("ops_per_master_cpu_s", "ops per master CPU-s", "d")],
+        phases)
     _common.write_json(_common.RESULTS / "cluster.json", {
         "started": started, "placement": where, "git": _common.git_head(), "machine": _common.machine_facts(),
         "args": {k: v for k, v in vars(args).items() if k not in ("client", "start_at", "master_port")},
-        "costs": cost, "end_to_end": e2e, "pipelined": pipelined})
+        "costs": cost, "phases": phases})
 
 
 if __name__ == "__main__":
