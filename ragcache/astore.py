@@ -8,18 +8,39 @@ from typing import Any
 import redis
 
 from . import connection
-from .connection import RedisCommandError, RedisUnavailable, breaker_for
+from .connection import breaker_for
 from .scripts import Script
 from .store import _NOSCRIPT, _flight_entries
 
 
-async def _raw(pool, args: Sequence) -> Any:
-    conn = await pool.get_connection()
+async def _pinned_raw(args: Sequence) -> Any:
+    """One command on an idle connection of the loop's hot path (see connection.async_idle)."""
+    idle, make = connection.async_idle()
+    conn = idle.pop() if idle else make()
+    try:
+        # As redis-py's pool does: a connection the server closed, or holding unread data,
+        # is replaced before it is used (can_read disconnects a broken one itself).
+        if conn.is_connected and await conn.can_read():
+            await conn.disconnect(nowait=True)
+    except (redis.ConnectionError, OSError):
+        pass
     try:
         await conn.send_command(*args)
-        return await conn.read_response()  # disconnects itself on errors and cancellation
-    finally:
-        await pool.release(conn)
+        reply = await conn.read_response()  # disconnects itself on errors and cancellation
+    except redis.ResponseError:
+        _put_back(idle, conn)  # an error reply, read in full: the connection is fine
+        raise
+    except BaseException:
+        if conn.is_connected:  # failed while sending: its reply may still come
+            await conn.disconnect(nowait=True)
+        raise
+    _put_back(idle, conn)
+    return reply
+
+
+def _put_back(idle, conn) -> None:
+    if len(idle) < connection.MAX_IDLE_ASYNC:
+        idle.append(conn)
 
 
 async def _client(kind: str = "main") -> Any:
@@ -37,48 +58,41 @@ async def _client(kind: str = "main") -> Any:
 
 
 async def _evalsha(script: Script, keys: Sequence[str], args: Sequence) -> Any:
+    """A script on a cluster (standalone Redis: see run())."""
     client = await _client()
-    if connection.cluster_mode():
-        try:
-            return await client.evalsha(script.sha, len(keys), *keys, *args)
-        except _NOSCRIPT:  # see store._evalsha
-            return await client.eval(script.source, len(keys), *keys, *args)
-    pool = client.connection_pool
     try:
-        return await _raw(pool, ("EVALSHA", script.sha, len(keys), *keys, *args))
-    except _NOSCRIPT:
-        await _raw(pool, ("SCRIPT", "LOAD", script.source))
-        return await _raw(pool, ("EVALSHA", script.sha, len(keys), *keys, *args))
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+    except _NOSCRIPT:  # see store._evalsha
+        return await client.eval(script.source, len(keys), *keys, *args)
 
 
 async def guarded(coro_fn, *args, shard: int | None = None) -> Any:
+    """``store.guarded`` for coroutines: the same breaker and errors."""
     breaker = breaker_for(shard)
     breaker.check()
     try:
         result = await coro_fn(*args)
-    except redis.ResponseError as exc:
-        if connection.error_kind(exc) == "cluster":
-            breaker.failed(exc)
-            raise RedisUnavailable(str(exc)) from exc
-        connection.metrics.child(connection.metrics.REDIS_ERRORS, connection.error_kind(exc)).inc()
-        breaker.succeeded()
-        raise RedisCommandError(str(exc)) from exc
-    except (redis.RedisError, OSError) as exc:
-        breaker.failed(exc)
-        raise RedisUnavailable(str(exc)) from exc
-    except Exception as exc:  # noqa: BLE001
-        # redis.asyncio's cluster client can fail with more than RedisError when a master
-        # dies: e.g. AttributeError ('NoneType' has no 'writelines') when a concurrent
-        # command's failure closed the connection this one was about to write to. Still
-        # Redis trouble, never the caller's (kind "other" in ragcache_redis_errors_total).
-        breaker.failed(exc)
-        raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - translated (CancelledError is no Exception: it passes)
+        raise connection.translate(exc, breaker) from exc
     breaker.succeeded()
     return result
 
 
 async def run(script: Script, keys: Sequence[str], args: Sequence, shard: int | None = None) -> Any:
-    return await guarded(_evalsha, script, keys, args, shard=shard)
+    if connection.cluster_mode():
+        return await guarded(_evalsha, script, keys, args, shard=shard)
+    breaker = breaker_for(None)  # the hot path, one coroutine frame less than guarded()
+    breaker.check()
+    try:
+        try:
+            result = await _pinned_raw(("EVALSHA", script.sha, len(keys), *keys, *args))
+        except _NOSCRIPT:
+            await _pinned_raw(("SCRIPT", "LOAD", script.source))
+            result = await _pinned_raw(("EVALSHA", script.sha, len(keys), *keys, *args))
+    except Exception as exc:  # noqa: BLE001
+        raise connection.translate(exc, breaker) from exc
+    breaker.succeeded()
+    return result
 
 
 async def run_each(commands: Sequence[tuple[Script, Sequence[str], Sequence]], bulk: bool = True) -> list[Any]:

@@ -334,22 +334,6 @@ def make_meta(*, kind: str, model: str, finish_reason: str | None, usage: Usage,
     })
 
 
-def _int_field(meta: dict, name: str, limit: int = MAX_TOKENS) -> int:
-    value = meta.get(name, 0)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
-        raise CorruptEntry(f"metadata field {name!r} is not a count")
-    return value
-
-
-def _number_field(meta: dict, name: str, low: float, high: float, *, optional: bool = False) -> float | None:
-    value = meta.get(name)
-    if value is None and optional:
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low <= value <= high):
-        raise CorruptEntry(f"metadata field {name!r} is out of range")
-    return float(value)
-
-
 @dataclass(slots=True)
 class Meta:
     """An entry's validated metadata (also the ``e`` field of hit and store events)."""
@@ -381,7 +365,12 @@ def parse_meta(raw: bytes | str) -> Meta:
         raise CorruptEntry("metadata kind or model is not valid")
     if finish_reason is not None and (not isinstance(finish_reason, str) or len(finish_reason) > 64):
         raise CorruptEntry("metadata finish reason is not valid")
-    usage = Usage(_int_field(meta, "pt"), _int_field(meta, "cpt"), _int_field(meta, "ct"), meta.get("uk", 1) == 1)
+    pt, cpt, ct, size = meta.get("pt", 0), meta.get("cpt", 0), meta.get("ct", 0), meta.get("n")
+    # type() is int: no bool, no float (orjson gives exactly int for integers).
+    if not (type(pt) is int and type(cpt) is int and type(ct) is int and type(size) is int
+            and 0 <= pt <= MAX_TOKENS and 0 <= cpt <= MAX_TOKENS and 0 <= ct <= MAX_TOKENS
+            and 0 <= size <= MAX_BODY_BYTES):
+        raise CorruptEntry("metadata counts are out of range")
     cost = meta.get("cost")
     if cost is not None:
         if not isinstance(cost, str):
@@ -390,18 +379,16 @@ def parse_meta(raw: bytes | str) -> Meta:
             cost = cost_from(cost)
         except Refused:
             raise CorruptEntry("metadata cost is out of range") from None
-    return Meta(
-        kind=kind,
-        model=model,
-        finish_reason=finish_reason,
-        usage=usage,
-        cost=cost,
-        latency_ms=_number_field(meta, "lat", 0.0, MAX_LATENCY_MS, optional=True),
-        created_at=_number_field(meta, "at", 1.0, 1e11),
-        expires_at=_number_field(meta, "exp", 1.0, 1e11),
-        compressed=meta.get("z") == 1,
-        size=_int_field(meta, "n", MAX_BODY_BYTES),
-    )
+    latency, created, expires = meta.get("lat"), meta.get("at"), meta.get("exp")
+    if not (_number(created, 1.0, 1e11) and _number(expires, 1.0, 1e11)
+            and (latency is None or _number(latency, 0.0, MAX_LATENCY_MS))):
+        raise CorruptEntry("metadata times are out of range")
+    return Meta(kind, model, finish_reason, Usage(pt, cpt, ct, meta.get("uk", 1) == 1), cost,
+                None if latency is None else float(latency), float(created), float(expires), meta.get("z") == 1, size)
+
+
+def _number(value: Any, low: float, high: float) -> bool:
+    return (type(value) is float or type(value) is int) and low <= value <= high
 
 
 def _load_body(meta: Meta, body: bytes) -> Any:

@@ -12,6 +12,8 @@ from typing import Any
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from .conf import get_config
+
 LOOKUPS = Counter(
     "ragcache_lookups",
     "Cache lookups by policy and result (hit, miss, shadow_hit, stale_source, bypass, error).",
@@ -78,6 +80,9 @@ SCRAPE_GAUGES: dict[str, str] = {
     "ragcache_last_aggregation_timestamp_seconds": "Unix time of the last successful aggregation run.",
     "ragcache_database_up": "1 if the database answered this scrape's read of ragcache's flags, else 0.",
     "ragcache_broker_up": "1 if the Celery broker accepted this scrape's connection, else 0.",
+    # Redis Cluster only (a standalone Redis is ragcache_redis_up): counts, no per-node label.
+    "ragcache_redis_masters_up": "Redis Cluster masters that answered this scrape (cluster mode only).",
+    "ragcache_redis_masters_down": "Redis Cluster masters that did not answer this scrape (cluster mode only).",
 }
 # Set by the breaker (every process) and by aggregation runs; at /metrics the scrape's
 # own readings take their place.
@@ -131,8 +136,6 @@ def model_label(model: str) -> str:
     """The ``model`` label value: the name if allowed, else "other". Every metric with a
     model label goes through here, so the number of series stays bounded (per process:
     without ``METRICS_MODELS`` each process keeps the first MAX_MODEL_LABELS it sees)."""
-    from .conf import get_config
-
     model = str(model or "")
     if len(model) > MAX_MODEL_LABEL_LENGTH:
         return "other"

@@ -32,6 +32,8 @@ from datetime import UTC, datetime
 from queue import SimpleQueue
 from typing import Any
 
+from .conf import get_config
+
 logger = logging.getLogger("ragcache.steps")
 
 STEPS: dict[int, tuple[str, str]] = {
@@ -111,8 +113,6 @@ os.register_at_fork(after_in_child=_forked)
 
 
 def _queue_enabled() -> bool:
-    from .conf import get_config
-
     return bool(get_config()["STEP_LOG_QUEUE"])
 
 

@@ -45,18 +45,24 @@ def reset_clients() -> None:
     connection.reset()
 
 
-def _raw(pool: redis.ConnectionPool, args: Sequence) -> Any:
-    """One command on a connection of ``pool``, its reply as the parser gives it. On a
-    connection error or timeout the connection is dropped (its reply may still come)."""
-    conn = pool.get_connection()
+def _pinned_raw(args: Sequence) -> Any:
+    """One command on this thread's own connection (see connection.pinned)."""
+    conn = connection.pinned()
+    try:
+        # What redis-py's pool checks before lending a connection: one the server closed
+        # (a restart) or that holds unread data is replaced before it is used.
+        if conn._sock is not None and conn.can_read():
+            conn.disconnect()
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        conn.disconnect()
     try:
         conn.send_command(*args)
         return conn.read_response()
-    except (redis.ConnectionError, redis.TimeoutError, OSError):
-        conn.disconnect()
+    except redis.ResponseError:
+        raise  # an error reply, read in full: the connection is fine
+    except BaseException:
+        conn.disconnect()  # its reply may still come: never read it as the next command's
         raise
-    finally:
-        pool.release(conn)
 
 
 def _evalsha(script: Script, keys: Sequence[str], args: Sequence) -> Any:
@@ -69,12 +75,11 @@ def _evalsha(script: Script, keys: Sequence[str], args: Sequence) -> Any:
             # slot's master and caches it there; SCRIPT LOAD would go to every master and
             # fail while another one is down.
             return client.eval(script.source, len(keys), *keys, *args)
-    pool = client.connection_pool
     try:
-        return _raw(pool, ("EVALSHA", script.sha, len(keys), *keys, *args))
+        return _pinned_raw(("EVALSHA", script.sha, len(keys), *keys, *args))
     except _NOSCRIPT:
-        _raw(pool, ("SCRIPT", "LOAD", script.source))
-        return _raw(pool, ("EVALSHA", script.sha, len(keys), *keys, *args))
+        _pinned_raw(("SCRIPT", "LOAD", script.source))
+        return _pinned_raw(("EVALSHA", script.sha, len(keys), *keys, *args))
 
 
 def guarded(fn, *args, shard: int | None = None, **kwargs):
@@ -83,16 +88,8 @@ def guarded(fn, *args, shard: int | None = None, **kwargs):
     breaker.check()
     try:
         result = fn(*args, **kwargs)
-    except redis.ResponseError as exc:
-        if connection.error_kind(exc) == "cluster":
-            breaker.failed(exc)
-            raise RedisUnavailable(str(exc)) from exc
-        connection.metrics.child(connection.metrics.REDIS_ERRORS, connection.error_kind(exc)).inc()
-        breaker.succeeded()
-        raise RedisCommandError(str(exc)) from exc
-    except (redis.RedisError, OSError) as exc:
-        breaker.failed(exc)
-        raise RedisUnavailable(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - translated: Redis trouble never reaches the caller as such
+        raise connection.translate(exc, breaker) from exc
     breaker.succeeded()
     return result
 
