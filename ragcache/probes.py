@@ -37,6 +37,8 @@ class RedisState:
     lag_s: float | None = None
     last_aggregation: float | None = None
     masters_full: int | None = None
+    masters_up: int | None = None  # Redis Cluster: masters that answered, and those that did not
+    masters_down: int | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ def read_redis() -> RedisState:
         metrics.REDIS_UP.set(0)
         return RedisState(up=False, error=type(exc.__cause__ or exc).__name__)
     metrics.REDIS_UP.set(1)
+    masters = _known(masters_reachable)
     return RedisState(
         up=True,
         latency_s=latency,
@@ -82,7 +85,19 @@ def read_redis() -> RedisState:
         lag_s=_known(usage_lag),
         last_aggregation=_known(store.last_aggregation),
         masters_full=_known(masters_full),
+        masters_up=masters[0] if masters else None,
+        masters_down=masters[1] if masters else None,
     )
+
+
+def masters_reachable() -> tuple[int, int] | None:
+    """(masters that answered, masters that did not) on a Redis Cluster, by the cluster's
+    current slot map; None on a standalone Redis, which ragcache_redis_up describes alone."""
+    if not connection.cluster_mode():
+        return None
+    nodes = store.nodes()
+    up = sum(1 for node in nodes if node.get("up"))
+    return up, len(nodes) - up
 
 
 def usage_lag() -> float:
@@ -180,6 +195,8 @@ def gauge_values(readings: Readings) -> dict[str, float | None]:
         "ragcache_last_aggregation_timestamp_seconds": r.last_aggregation,
         "ragcache_database_up": 1.0 if readings.database.up else 0.0,
         "ragcache_broker_up": None if readings.broker is None else (1.0 if readings.broker.up else 0.0),
+        "ragcache_redis_masters_up": r.masters_up,
+        "ragcache_redis_masters_down": r.masters_down,
     }
 
 

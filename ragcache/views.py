@@ -53,7 +53,7 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
 @never_cache
 def health_view(request: HttpRequest) -> HttpResponse:
     """200 "ok"; 200 "degraded" when ragcache still serves but something it needs is
-    broken (Redis refusing writes, the database or the broker unreachable, usage events
+    broken (Redis refusing writes, a Redis Cluster master down, the database or the broker unreachable, usage events
     waiting longer than AGGREGATION_STALE_AFTER); 503
     "unavailable" when it cannot cache at all (Redis unreachable, or no policies ever
     loaded). ``problems`` names each cause."""
@@ -70,6 +70,10 @@ def health_view(request: HttpRequest) -> HttpResponse:
             body["redis"]["writes_refused"] = redis_state.masters_full > 0
             if redis_state.masters_full:
                 problems.append("redis_refusing_writes")
+        if redis_state.masters_down is not None:  # Redis Cluster: one master down is a partial outage
+            body["redis"]["masters"] = {"up": redis_state.masters_up, "down": redis_state.masters_down}
+            if redis_state.masters_down:
+                problems.append("redis_masters_down")
         # Known values only: a key that is missing was not readable, null means "none yet".
         if redis_state.backlog is not None:
             body["usage_backlog"] = redis_state.backlog

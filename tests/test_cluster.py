@@ -60,6 +60,7 @@ class Traffic:
         self.lock = threading.Lock()
         self.calls: list[tuple[float, str, bool, str, float]] = []  # (time, api, victim, outcome, seconds)
         self.exceptions: list[BaseException] = []
+        self.failed_stores = []
         self.threads = [threading.Thread(target=self._guard, args=(target,), daemon=True)
                         for target in (self._lookups, self._lookups, self._stores, self._async_lookups)]
 
@@ -93,6 +94,8 @@ class Traffic:
             i += 1
             started = time.monotonic()
             stored = cache_service.cache_response(question, "a new answer", model=MODEL)
+            if not stored:
+                self.failed_stores.append((question, shard_of_question(question), time.monotonic()))
             self._record("store", shard_of_question(question), "stored" if stored else "not_stored", started)
             time.sleep(0.002)
 
@@ -129,7 +132,8 @@ class Traffic:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_a_master_fails_under_traffic(stop, cluster_backend, on_policy, settings, ragcache_prefix, monkeypatch):
+def test_a_master_fails_under_traffic(stop, cluster_backend, on_policy, settings, ragcache_prefix, monkeypatch,
+                                      client):
     """Stop one master (SIGKILL: a crash; SIGTERM: a clean shutdown) while threads look up,
     store and look up asynchronously. Callers never see an exception: lookups on its slots
     miss and stores there return False at once, every lookup on the other masters hits, and
@@ -185,7 +189,7 @@ def test_a_master_fails_under_traffic(stop, cluster_backend, on_policy, settings
     time.sleep(1.0)
     cluster.node(victim).kill(stop)  # returns once the process has exited
     killed = time.monotonic()
-    during = reachability()
+    during = reachability(client)
 
     # Promotion: a live node reports the victim's slots served by another (its replica).
     promoted = resumed = None
@@ -201,7 +205,7 @@ def test_a_master_fails_under_traffic(stop, cluster_backend, on_policy, settings
         time.sleep(0.05)
     time.sleep(0.5)
     traffic.join()
-    after = reachability()
+    after = reachability(client)
 
     assert traffic.exceptions == [], "".join(traceback.format_exception(traffic.exceptions[0]))
     assert promoted is not None, "the replica was never promoted"
@@ -222,12 +226,16 @@ def test_a_master_fails_under_traffic(stop, cluster_backend, on_policy, settings
     # start before the node timeout), whenever the poll above noticed it.
     stores = Counter((on_victim_shard, outcome) for at, api, on_victim_shard, outcome, _ in traffic.calls
                      if api == "store" and killed <= at < killed + NODE_TIMEOUT_MS / 1000)
-    assert stores[(False, "stored")] > 0 and stores[(False, "not_stored")] == 0, healthy_failures
+    assert stores[(False, "stored")] > 0 and stores[(False, "not_stored")] == 0, (healthy_failures, [
+        (api, round(at - killed, 3)) for at, api, on_victim_shard, outcome, _ in traffic.calls
+        if api == "store" and not on_victim_shard and outcome == "not_stored"], traffic.failed_stores)
     assert stores[(True, "not_stored")] > 0 and stores[(True, "stored")] == 0
-    # Health sees a partial outage as one: the cluster answers, one master does not; after
-    # the promotion, three masters answer again.
-    assert during == (True, {"up": 2, "down": 1}), during
-    assert after == (True, {"up": 3, "down": 0}), after
+    # Health and /metrics see a partial outage as one: Redis answers, one master does not;
+    # after the promotion, three masters answer again.
+    assert during == (True, {"up": 2, "down": 1}, True, {
+        "ragcache_redis_up": 1.0, "ragcache_redis_masters_up": 2.0, "ragcache_redis_masters_down": 1.0}), during
+    assert after == (True, {"up": 3, "down": 0}, False, {
+        "ragcache_redis_up": 1.0, "ragcache_redis_masters_up": 3.0, "ragcache_redis_masters_down": 0.0}), after
     slowest = max(seconds for *_, seconds in traffic.calls)
     assert slowest < 5.0, f"a caller waited {slowest:.2f} s"
 
@@ -255,15 +263,17 @@ def test_a_master_fails_under_traffic(stop, cluster_backend, on_policy, settings
     cluster.repair()
 
 
-def reachability() -> tuple[bool, dict[str, int]]:
-    """(whether store.ping() answered, masters up and down per store.nodes())."""
-    try:
-        store.ping()
-        answered = True
-    except store.RedisUnavailable:
-        answered = False
-    states = Counter("up" if node["up"] else "down" for node in store.nodes())
-    return answered, {"up": states["up"], "down": states["down"]}
+def reachability(client) -> tuple[bool, dict[str, int], bool, dict[str, float]]:
+    """What /ragcache/health and /metrics say about Redis: (redis ok, masters up and down,
+    "redis_masters_down" among the problems, the scrape's redis gauges)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    health = client.get("/ragcache/health").json()
+    gauges = {sample.name: sample.value for family in text_string_to_metric_families(
+        client.get("/metrics").content.decode()) for sample in family.samples
+        if sample.name in ("ragcache_redis_up", "ragcache_redis_masters_up", "ragcache_redis_masters_down")}
+    return (health["redis"]["ok"], health["redis"].get("masters"), "redis_masters_down" in health["problems"],
+            gauges)
 
 
 # --- scripts on a master that has none ---------------------------------------------------------
