@@ -133,7 +133,7 @@ class Traffic:
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_master_fails_under_traffic(stop, cluster_backend, on_policy, settings, ragcache_prefix, monkeypatch,
-                                      client):
+                                      client, request):
     """Stop one master (SIGKILL: a crash; SIGTERM: a clean shutdown) while threads look up,
     store and look up asynchronously. Callers never see an exception: lookups on its slots
     miss and stores there return False at once, every lookup on the other masters hits, and
@@ -187,6 +187,7 @@ def test_a_master_fails_under_traffic(stop, cluster_backend, on_policy, settings
     traffic = Traffic(questions, victim_shards)
     traffic.start()
     time.sleep(1.0)
+    request.addfinalizer(cluster.repair)  # the stopped node rejoins as a replica, whatever happens
     cluster.node(victim).kill(stop)  # returns once the process has exited
     killed = time.monotonic()
     during = reachability(client)
@@ -243,14 +244,14 @@ def test_a_master_fails_under_traffic(stop, cluster_backend, on_policy, settings
     # hit, a miss or a store) but absent from the promoted replica's streams afterwards.
     written = len(on_victim) + sum(1 for _, api, on_victim_shard, outcome, _ in traffic.calls
                                    if on_victim_shard and outcome in ("hit", "miss", "stored"))
-    client = redis.cluster.RedisCluster.from_url(cluster.url)
+    raw = redis.cluster.RedisCluster.from_url(cluster.url)
     try:
-        pipe = client.pipeline(transaction=False)
+        pipe = raw.pipeline(transaction=False)
         for shard in sorted(victim_shards):
             pipe.xlen(layout(ragcache_prefix).streams[shard])
         kept = sum(pipe.execute())
     finally:
-        client.close()
+        raw.close()
     victim_latency = sorted(seconds for at, api, on_victim_shard, _, seconds in traffic.calls
                             if on_victim_shard and api == "lookup" and killed <= at < resumed)
     print(f"\nfailover ({stop.name}, cluster-node-timeout {NODE_TIMEOUT_MS} ms): replica promoted after "
@@ -260,7 +261,6 @@ def test_a_master_fails_under_traffic(stop, cluster_backend, on_policy, settings
           f"{written} written on the failed master's shards; slowest call {slowest * 1000:.0f} ms; lookups on "
           f"the failed slots during the outage: median {statistics.median(victim_latency) * 1000:.2f} ms, "
           f"max {victim_latency[-1] * 1000:.1f} ms; Redis errors by kind {errors}")
-    cluster.repair()
 
 
 def reachability(client) -> tuple[bool, dict[str, int], bool, dict[str, float]]:
