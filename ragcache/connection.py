@@ -70,6 +70,18 @@ def error_kind(exc: BaseException) -> str:
     return "other"
 
 
+_warned: dict[str, float] = {}
+WARN_EVERY = 10.0  # seconds: a cluster has a breaker per shard; one failed master must not log 256 lines
+
+
+def _may_warn(what: str) -> bool:
+    now = time.monotonic()
+    if now - _warned.get(what, -WARN_EVERY) < WARN_EVERY:
+        return False
+    _warned[what] = now
+    return True
+
+
 class Breaker:
     """Opens at once when Redis refuses or drops connections; on timeouts only after
     ``BREAKER_TIMEOUTS`` in a row, since on a busy host one slow reply (or a reply waiting
@@ -111,7 +123,7 @@ class Breaker:
             self.open_until = time.monotonic() + float(get_config()["BREAKER_COOLDOWN"])
             self.probing = False
         metrics.REDIS_UP.set(0)
-        if was_closed:
+        if was_closed and _may_warn("down"):
             logger.warning("ragcache: Redis unavailable (%s); serving without cache", type(exc).__name__)
 
     def succeeded(self) -> None:
@@ -122,7 +134,8 @@ class Breaker:
                 with self._lock:
                     self.open_until = 0.0
                     self.probing = False
-                logger.warning("ragcache: Redis is back; caching resumed")
+                if _may_warn("up"):
+                    logger.warning("ragcache: Redis is back; caching resumed")
             self.seen = True
             metrics.REDIS_UP.set(1)
 
@@ -212,6 +225,7 @@ def reset() -> None:
     """Forget clients (settings changed, or tests). The breaker starts closed."""
     global _generation
     _generation += 1
+    _warned.clear()
     with _clients_lock:
         for client in list(_clients.values()):
             try:
