@@ -187,18 +187,18 @@ def client_main(args) -> None:
 
 def lookup_call(question: str):
     """The LOOKUP script call ragcache makes for a plain get_cached_response of ``question``."""
-    from ragcache import flows
+    from ragcache import flows, plans
 
-    request = flows.make_request(question, model=MODEL, policy="default", scope=None, params=None,
+    request = plans.make_request(question, model=MODEL, policy="default", scope=None, params=None,
                                  context_version=None)
     return first_run(flows.get_cached_response(request))
 
 
 def store_call(question: str):
     """The STORE script call ragcache makes for cache_response(``question``, a 2 KB answer)."""
-    from ragcache import flows
+    from ragcache import flows, plans
 
-    request = flows.make_request(question, model=MODEL, policy="default", scope=None, params=None,
+    request = plans.make_request(question, model=MODEL, policy="default", scope=None, params=None,
                                  context_version=None)
     return first_run(flows.cache_response(request, ANSWER, 1200.0))
 

@@ -158,22 +158,22 @@ def store_citing(source: str, count: int, batch: int = 2000) -> float:
     flows.store would (same keys, value, stamps). Returns seconds taken."""
     import redis
 
-    from ragcache import flows
+    from ragcache import plans
     from ragcache.entries import KIND_RESPONSE, encode, extract
     from ragcache.policies import registry
     from ragcache.scripts import STORE
 
     snapshot = registry.current()
-    tuning = flows.tuning()
+    tuning = plans.tuning()
     client = redis.Redis.from_url(os.environ["REDIS_URL"])
     client.script_load(STORE.source)
     found = extract(answer("An answer citing the popular source."))
     started = time.perf_counter()
     pipe = client.pipeline(transaction=False)
     for i in range(count):
-        request = flows.make_request(f"question {i} citing {source}", model=MODEL, policy="default", scope=None,
+        request = plans.make_request(f"question {i} citing {source}", model=MODEL, policy="default", scope=None,
                                      params=None, context_version=None, sources=[source])
-        plan = flows.plan(request, snapshot)
+        plan = plans.plan(request, snapshot)
         key = plan.key
         meta, body = encode(found.body, kind=KIND_RESPONSE, model=MODEL, finish_reason="stop", usage=found.usage,
                             cost=None, latency_ms=900.0, ttl_seconds=86400, compress_threshold=10**9,
@@ -192,10 +192,10 @@ def store_citing(source: str, count: int, batch: int = 2000) -> float:
 
 
 def stamp_keys(source: str) -> list[str]:
-    from ragcache import flows
+    from ragcache import plans
     from ragcache.keys import source_hash
 
-    return [f"{base}{source_hash(source)}" for base in flows.tuning().layout.stamp_bases]
+    return [f"{base}{source_hash(source)}" for base in plans.tuning().layout.stamp_bases]
 
 
 def bench_invalidation(answers: int, rounds: int) -> dict:

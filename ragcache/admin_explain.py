@@ -26,9 +26,9 @@ from . import connection, store
 from .admin_policy import CENSUS_MAX_SCANNED, human_bytes
 from .entries import KIND_STREAM, CorruptEntry, parse_meta
 from .exceptions import InvalidRequestError
-from .flows import make_request, plan
 from .keys import KEY_SCHEMA_VERSION, canonical_json, key_params, normalize_messages, rollout_bucket, shard_of
 from .models import CachePolicy, human_duration
+from .plans import make_request, plan
 from .policies import registry
 
 MAX_QUESTION = 200_000  # characters

@@ -10,7 +10,7 @@ from django.template.response import TemplateResponse
 
 from .connection import RedisUnavailable
 from .exceptions import InvalidRequestError
-from .flows import MAX_SOURCE_LENGTH
+from .plans import MAX_SOURCE_LENGTH
 from .services import cache_service
 from .sources import redis_setting
 

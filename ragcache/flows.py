@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import logging
 import os
-import reprlib
 import sys
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -43,346 +40,34 @@ from .entries import (
     CorruptEntry,
     Refused,
     StreamRecorder,
-    Usage,
     decode,
     encode,
     extract,
     make_meta,
 )
-from .exceptions import InvalidRequestError, ScopeRequiredError, StreamInterrupted
+from .exceptions import StreamInterrupted
 from .keys import (
-    SHARDS,
     CacheKey,
-    Messages,
-    content_digest,
-    key_params,
-    layout,
-    normalize_messages,
-    rollout_bucket,
-    scope_hash,
     source_hash,
 )
-from .policies import Policy, Snapshot, registry
+from .outcomes import CallResult, StreamInfo, record_lookup, record_store
+from .plans import (
+    Plan,
+    Request,
+    _plan,
+    _replan,
+    _sources,
+    _waited_us,
+    tuning,
+)
+from .policies import registry
 from .scripts import DELETE, EVENT, LOOKUP, PUBLISH, RELEASE, STAMPS, STORE
 from .steplog import log_step
 from .steplog import logger as step_logger
-from .usage import UsageEvent, event_header, parse_header, usage_tracker
 
 logger = logging.getLogger("ragcache.services")
 
-MAX_SOURCE_LENGTH = 512
 FLIGHT_BLOCK_MS = 1000  # one blocking read of a flight; below BULK_SOCKET_TIMEOUT
-
-
-# --- what the caller gets ------------------------------------------------------------------
-
-@dataclass(slots=True)
-class CallResult:
-    """What ``get_or_call`` returns. ``response`` has the shape ``call()`` returned (or was
-    stored with). ``outcome``: hit, miss, bypass, refresh or error (Redis unavailable);
-    ``reason`` says why when there is one (see docs). ``key`` is the entry's Redis key."""
-
-    response: Any
-    hit: bool
-    key: str | None
-    cached: CachedResponse | None = None
-    latency_ms: float = 0.0
-    outcome: str = "miss"
-    reason: str = ""
-    stored: bool = False
-    policy: str = ""
-    key_id: str = ""  # the short key: what logs, usage records and headers show
-
-
-@dataclass(slots=True)
-class StreamInfo:
-    """Known before a stream's first chunk: a hit, or what else."""
-
-    hit: bool
-    key: str | None
-    outcome: str  # hit | miss | shared (a follower of an identical live stream) | bypass | refresh | error
-    reason: str
-    policy: str
-    key_id: str
-    cached: CachedResponse | None = None
-
-
-# --- requests and plans -----------------------------------------------------------------
-
-@dataclass(slots=True)
-class Request:
-    messages: Messages
-    model: str
-    policy: str
-    scope: Any
-    params: Mapping[str, Any] | None
-    context_version: Any
-    sources: tuple[str, ...] = ()
-    kind: str = "call"
-    refresh: bool = False
-    no_store: bool = False
-    ttl: int | None = None
-    gateway_key: str = ""
-    started: float = field(default_factory=time.perf_counter)
-
-
-def make_request(
-    messages: Messages, *, model: str, policy: str, scope: Any, params: Any, context_version: Any,
-    sources: Iterable[str] | None = None, kind: str = "call", refresh: bool = False, no_store: bool = False,
-    ttl: int | None = None, gateway_key: str = "",
-) -> Request:
-    """Validate what every entry point takes; raises ``InvalidRequestError``."""
-    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 1):
-        raise InvalidRequestError(f"ttl must be a positive number of seconds, not {ttl!r}.")
-    if not isinstance(policy, str) or not policy:
-        raise InvalidRequestError("policy must be the name of a cache policy, e.g. policy='default'.")
-    return Request(messages, model, policy, scope, params, context_version, _sources(sources), kind, refresh,
-                   no_store, ttl, gateway_key or "")
-
-
-def _sources(sources: Iterable[str] | None, *, cited: bool = True) -> tuple[str, ...]:
-    """The distinct source ids, in order. ``cited``: the ids one answer cites (at most
-    MAX_SOURCES); otherwise ids to invalidate (any number)."""
-    if sources is None:
-        return ()
-    if isinstance(sources, (str, bytes)) or not isinstance(sources, Iterable):
-        raise InvalidRequestError('sources must be an iterable of source ids, e.g. sources=["doc:42"].')
-    limit = int(get_config()["MAX_SOURCES"]) if cited else None
-    found: dict[str, None] = {}
-    for source in sources:  # each checked before it is hashed: a list among them is an error, not a TypeError
-        if not isinstance(source, str) or not source or len(source) > MAX_SOURCE_LENGTH:
-            raise InvalidRequestError(
-                f"Each source id must be a non-empty string of at most {MAX_SOURCE_LENGTH} characters, "
-                f"not {reprlib.repr(source)}.")
-        found[source] = None
-        if limit is not None and len(found) > limit:
-            raise InvalidRequestError(f"An answer may cite at most {limit} sources (RAGCACHE['MAX_SOURCES']).")
-    return tuple(found)
-
-
-@dataclass(slots=True)
-class Plan:
-    snapshot: Snapshot
-    policy: Policy | None
-    key: CacheKey
-    bypass: str  # why the cache is not used for this request ("" when it is)
-    header: str  # the usage events' header
-    sources: str  # "h1,h2": the source hashes, for the scripts
-
-    @property
-    def policy_name(self) -> str:
-        return self.policy.name if self.policy else "unknown"
-
-
-def plan(request: Request, snapshot: Snapshot) -> Plan:
-    """Decide, from the snapshot alone, how the cache treats ``request``. Raises
-    ``InvalidRequestError`` for a request that cannot be keyed, and ``ScopeRequiredError``
-    under a per-user or per-tenant policy without ``scope``."""
-    policy = snapshot.policies.get(request.policy)
-    if policy is not None and policy.scope != "global" and request.scope is None:
-        raise ScopeRequiredError(policy.name, policy.scope)
-    messages = normalize_messages(request.messages, normalize=bool(policy and policy.normalize_query))
-    ignored = policy.ignored_params if policy else frozenset()
-    digest = content_digest(messages, model=request.model, params=key_params(request.params, ignored),
-                            context_version=request.context_version, kind=request.kind)
-    scope = scope_hash(policy.scope if policy else "global", request.scope)
-    name = policy.name if policy else "unknown"
-    key = CacheKey(tuning().layout, name, policy.generation if policy else 0, scope, digest)
-    if step_logger.isEnabledFor(logging.DEBUG):
-        log_step(61, {"policy": name, "cache_key": key.short}, logging.DEBUG)
-    if not snapshot.available:
-        bypass = "policies_unavailable"
-    elif policy is None:
-        bypass = "unknown_policy"
-    elif snapshot.kill_switch:
-        bypass = "kill_switch"
-    elif not policy.enabled:
-        bypass = "disabled"
-    elif policy.mode == "off":
-        bypass = "mode_off"
-    elif rollout_bucket(digest) >= policy.rollout_percent:
-        bypass = "rollout"
-    elif request.refresh:
-        bypass = "no_cache"
-    else:
-        bypass = ""
-    sources = ",".join(source_hash(s) for s in request.sources)
-    return Plan(snapshot, policy, key, bypass, event_header(name, request.model, scope, key.short,
-                                                            request.gateway_key), sources)
-
-
-def _snapshot():
-    snapshot = registry.fresh()
-    if snapshot is None:
-        snapshot = yield RELOAD
-    return snapshot
-
-
-_warned_policies: set[str] = set()
-
-
-def _plan(request: Request):
-    snapshot = yield from _snapshot()
-    result = plan(request, snapshot)
-    if result.bypass == "unknown_policy" and request.policy not in _warned_policies:
-        if len(_warned_policies) < 1000:  # once per name and process (bounded: names come from callers)
-            _warned_policies.add(request.policy)
-        logger.warning("ragcache: no cache policy named %r; calls bypass the cache", request.policy[:64])
-    if step_logger.isEnabledFor(logging.DEBUG):
-        policy = result.policy
-        log_step(60, {"policy": result.policy_name, "mode": policy.mode if policy else None,
-                      "scope": policy.scope if policy else None, "bypass": result.bypass or None}, logging.DEBUG)
-    return result
-
-
-def _replan(request: Request, version: int):
-    """The shard has a newer policy version: reload (once) and plan again."""
-    if registry.needs(version):
-        yield RELOAD
-    snapshot = yield from _snapshot()
-    return plan(request, snapshot)
-
-
-class Tuning:
-    """Figures derived from the settings that every call needs; rebuilt when they change."""
-
-    __slots__ = ("config", "layout", "stream_maxlen", "lock_ms", "stamp_ttl_ms", "guard_stamp_ttl_ms", "flight_ttl_ms")
-
-    def __init__(self, config: dict) -> None:
-        self.config = config
-        self.layout = layout(config["KEY_PREFIX"])
-        self.stream_maxlen = max(1, int(config["STREAM_MAXLEN"]) // SHARDS)  # per shard
-        self.lock_ms = int(float(config["LOCK_TIMEOUT"]) * 1000)
-        self.stamp_ttl_ms = (int(config["MAX_TTL"]) + 3600) * 1000  # outlives any entry citing it
-        # A stamp a lookup creates for the write guard: the store extends it to stamp_ttl_ms;
-        # if nothing is stored it goes soon (a call longer than this is refused as stale).
-        self.guard_stamp_ttl_ms = max(3600_000, 2 * self.lock_ms)
-        self.flight_ttl_ms = int((float(config["LOCK_WAIT"]) + 5) * 1000)
-
-
-_tuning: Tuning | None = None
-
-
-def tuning() -> Tuning:
-    global _tuning
-    config = get_config()
-    found = _tuning
-    if found is None or found.config is not config:
-        found = _tuning = Tuning(config)
-    return found
-
-
-def _stream_maxlen() -> int:
-    return tuning().stream_maxlen
-
-
-def _lock_ms() -> int:
-    return tuning().lock_ms
-
-
-def _stamp_ttl_ms() -> int:
-    return tuning().stamp_ttl_ms
-
-
-def _flight_ttl_ms() -> int:
-    return tuning().flight_ttl_ms
-
-
-def _waited_us(request: Request) -> int:
-    return int((time.perf_counter() - request.started) * 1_000_000)
-
-
-# --- recording: metrics, hit rates, step lines and usage, in one place -------------------
-
-class HitRates:
-    """Each policy's hit rate over this process's last HIT_RATE_WINDOW lookups."""
-
-    def __init__(self) -> None:
-        self._windows: dict[str, deque] = {}
-        self._lock = threading.Lock()
-
-    def record(self, policy: str, hit: bool) -> None:
-        window = self._windows.get(policy)
-        if window is None:
-            with self._lock:
-                window = self._windows.setdefault(policy, deque(maxlen=int(get_config()["HIT_RATE_WINDOW"])))
-        window.append(hit)
-
-    def rate(self, policy: str) -> float | None:
-        window = self._windows.get(policy)
-        return round(sum(window) / len(window), 4) if window else None
-
-
-hit_rates = HitRates()
-
-
-def record_lookup(request: Request, plan: Plan, result: str, reason: str = "", *, cached: CachedResponse | None = None,
-                  lost: int = 0) -> None:
-    """Count one lookup's outcome: ``result`` is hit, miss, shadow_hit, stale_source,
-    bypass or error (the ``ragcache_lookups_total`` label)."""
-    name = plan.policy_name
-    metrics.child(metrics.LOOKUPS, name, result).inc()
-    if lost:
-        metrics.child(metrics.EVENTS_LOST, "redis_full").inc()
-    if result == "bypass" or result == "error":
-        if step_logger.isEnabledFor(logging.DEBUG):
-            log_step(62, {"policy": name, "cache_key": plan.key.short, "hit": False, "result": result,
-                          "reason": reason}, logging.DEBUG)
-            if result == "bypass" and reason != "no_cache":
-                _log_tracked(plan, result, reason)
-        return
-    elapsed = time.perf_counter() - request.started
-    metrics.child(metrics.LOOKUP_SECONDS, name).observe(elapsed)
-    hit_rates.record(name, result == "hit")
-    if step_logger.isEnabledFor(logging.DEBUG):
-        log_step(62, {"policy": name, "cache_key": plan.key.short, "hit": result == "hit", "result": result,
-                      "reason": reason or None}, logging.DEBUG)
-        if result == "miss" and reason:  # lock_timeout, leader_released, corrupt, ...
-            _log_tracked(plan, result, reason)
-    if result == "hit" and cached is not None:
-        record_hit(request, plan, cached, elapsed * 1000, reason)
-
-
-def record_hit(request: Request, plan: Plan, cached: CachedResponse, waited_ms: float, reason: str = "") -> None:
-    """Step 63 for a served hit (its event is already in the stream)."""
-    cost = cached.cost
-    prices = plan.snapshot.prices
-    if cost is None and cached.usage_known and prices:
-        price = prices.get(cached.model or request.model) or prices.get(request.model)
-        if price is not None:
-            cost = price.cost(Usage(cached.prompt_tokens, cached.cached_prompt_tokens, cached.completion_tokens, True))
-    usage_tracker.track(UsageEvent(
-        policy=plan.policy_name, result="hit", model=request.model, scope_hash=plan.key.scope, key_hash=plan.key.short,
-        reason=reason, tokens_avoided=cached.tokens if cached.usage_known else 0, cost_avoided=cost,
-        latency_avoided_ms=max(0.0, (cached.latency_ms or 0.0) - waited_ms), latency_ms=waited_ms,
-        usage_known=cached.usage_known, gateway_key=request.gateway_key,
-    ), written=True)
-
-
-def _log_tracked(plan: Plan, result: str, reason: str) -> None:
-    """Step 63 at DEBUG for a tracked result other than a hit (a bypass, a refusal, a miss
-    with a reason); its event is written by a script in its own round trip."""
-    if plan.snapshot.tracking_enabled and step_logger.isEnabledFor(logging.DEBUG):
-        _, model, scope, key, gateway_key = parse_header(plan.header)
-        usage_tracker.track(UsageEvent(policy=plan.policy_name, result=result, model=model, scope_hash=scope,
-                                       key_hash=key, reason=reason, gateway_key=gateway_key), written=True)
-
-
-def record_store(plan: Plan, status: str, *, ttl: int = 0, size: int = 0, reason: str = "") -> None:
-    """Step 68: ``status`` is stored, refused or error (``ragcache_stores_total``)."""
-    name = plan.policy_name
-    metrics.child(metrics.STORES, name, status).inc()
-    attrs: dict[str, Any] = {"cache_key": plan.key.short, "hit_rate": hit_rates.rate(name)}
-    if status == "stored":
-        metrics.ENTRY_BYTES.observe(size)
-        attrs["expiry_time"] = datetime.fromtimestamp(time.time() + ttl, UTC).isoformat(timespec="seconds")
-        attrs.update(policy=name, ttl=ttl, bytes=size)
-    else:
-        if status == "refused":
-            metrics.child(metrics.REFUSALS, name, reason).inc()
-            _log_tracked(plan, "refused", reason)
-        attrs.update(policy=name, stored=False, reason=reason or status)
-    log_step(68, attrs)
 
 
 # --- lookup (steps 59-62) -----------------------------------------------------------------
@@ -401,11 +86,11 @@ class Lookup:
 def _event(plan: Plan, *fields: Any, record: bool = True):
     """Append one event (EVENT script) to the plan's shard. Returns the shard's policy
     version, or None when Redis is unavailable."""
-    layout_ = layout(get_config()["KEY_PREFIX"])
+    layout_ = tuning().layout
     shard = plan.key.shard
     try:
         version, lost = yield Run(EVENT, [layout_.streams[shard], layout_.versions[shard]], [
-            "1" if plan.snapshot.tracking_enabled and record else "0", _stream_maxlen(), *fields], shard)
+            "1" if plan.snapshot.tracking_enabled and record else "0", tuning().stream_maxlen, *fields], shard)
     except RedisUnavailable:
         return None
     if lost:
@@ -513,7 +198,7 @@ _later: deque[tuple[Any, list, list]] = deque(maxlen=1000)
 
 def _abandon(key: CacheKey, token: str) -> None:
     _later.append((RELEASE, [key.lock, key.flight(token), key.lock],
-                   [token, "failed", _flight_ttl_ms(), "0", 1, "", "", ""]))
+                   [token, "failed", tuning().flight_ttl_ms, "0", 1, "", "", ""]))
 
 
 def _run_later():
@@ -531,11 +216,10 @@ def _release(plan: Plan, token: str, status: str, result: str = "", reason: str 
     read; ``failed``: the leader broke off) and record ``result`` (e.g. refused)."""
     if not token and not result:
         return
-    key = plan.key
-    streams = layout(get_config()["KEY_PREFIX"]).streams
+    key, t = plan.key, tuning()
     try:
-        lost = yield Run(RELEASE, [key.lock, key.flight(token) if token else key.lock, streams[key.shard]], [
-            token, status, _flight_ttl_ms(), "1" if plan.snapshot.tracking_enabled else "0", _stream_maxlen(),
+        lost = yield Run(RELEASE, [key.lock, key.flight(token) if token else key.lock, t.layout.streams[key.shard]], [
+            token, status, t.flight_ttl_ms, "1" if plan.snapshot.tracking_enabled else "0", t.stream_maxlen,
             plan.header, result, reason], key.shard)
     except BaseException:
         if token:
@@ -635,15 +319,13 @@ def store(request: Request, plan: Plan, answer_of: Callable[[], Any], *, kind: s
             record_store(plan, "refused", reason=refusal.reason)
             yield from _release(plan, token, "released", "refused", refusal.reason)
             return False
-        key = plan.key
-        layout_ = layout(get_config()["KEY_PREFIX"])
-        snapshot = plan.snapshot
+        key, t, snapshot = plan.key, tuning(), plan.snapshot
         try:
-            reply = yield Run(STORE, [key.entry, layout_.streams[key.shard], layout_.versions[key.shard], key.lock,
+            reply = yield Run(STORE, [key.entry, t.layout.streams[key.shard], t.layout.versions[key.shard], key.lock,
                                       key.flight(token) if token else key.lock], [
-                snapshot.version, ttl * 1000, meta, body, "1" if snapshot.tracking_enabled else "0", _stream_maxlen(),
-                plan.header, token, f"{key.base}:s:", plan.sources, stamps, _new_stamp(), _stamp_ttl_ms(),
-                _flight_ttl_ms()], key.shard)
+                snapshot.version, ttl * 1000, meta, body, "1" if snapshot.tracking_enabled else "0", t.stream_maxlen,
+                plan.header, token, t.layout.stamp_bases[key.shard], plan.sources, stamps, _new_stamp(),
+                t.stamp_ttl_ms, t.flight_ttl_ms], key.shard)
         except RedisUnavailable:
             if token:
                 _abandon(key, token)
@@ -786,7 +468,7 @@ def _pass_through(request: Request, plan: Plan, iterator: Any, token: str, stamp
     policy = plan.policy
     recorder = StreamRecorder(policy.max_entry_bytes if policy else 0)
     key = plan.key
-    lock_ms, flight_ttl = _lock_ms(), _flight_ttl_ms()
+    lock_ms, flight_ttl = tuning().lock_ms, tuning().flight_ttl_ms
     publishing = bool(token)
     published, cap = 0, policy.max_entry_bytes if policy else 0
     refused = "refused" if may_store else ""

@@ -20,8 +20,9 @@ from typing import Any
 
 from . import effects, flows
 from .entries import CachedResponse
-from .flows import CallResult, make_request
 from .keys import Messages
+from .outcomes import CallResult
+from .plans import make_request
 from .streaming import AsyncResponseStream, ResponseStream
 from .usage import UsageEvent, UsageTracker, usage_tracker
 

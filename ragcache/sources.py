@@ -133,7 +133,7 @@ def _ids(ids: str | Iterable[str] | None) -> tuple[str, ...]:
         return ()
     if isinstance(ids, str):
         ids = (ids,)
-    from .flows import _sources
+    from .plans import _sources
 
     return _sources(ids, cited=False)
 

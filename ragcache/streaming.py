@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from .effects import Begin, ConsumerGone, Done, Flow, astep, step
-from .flows import StreamInfo
+from .outcomes import StreamInfo
 
 
 class _Info:

@@ -11,7 +11,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from ragcache import flows
+from ragcache import outcomes
 from ragcache.aggregation import aggregate
 from ragcache.exceptions import InvalidRequestError, ScopeRequiredError
 from ragcache.integrations.openai import (
@@ -42,7 +42,7 @@ def policy(policy_factory):
 
 @pytest.fixture(autouse=True)
 def fresh_hit_rates():
-    flows.hit_rates._windows.clear()
+    outcomes.hit_rates._windows.clear()
 
 
 def question(label: str) -> list[dict]:

@@ -16,7 +16,7 @@ from decimal import Decimal
 import pytest
 from asgiref.sync import async_to_sync
 
-from ragcache import flows, keys, store
+from ragcache import keys, outcomes, store
 from ragcache.exceptions import InvalidRequestError, ScopeRequiredError
 from ragcache.models import CacheFlags, CachePolicy
 from ragcache.policies import registry
@@ -65,7 +65,7 @@ def stream_results(client, prefix):
 @pytest.fixture(autouse=True)
 def fresh_hit_rates():
     """The step 68 line's hit rate is per process and policy: start each test from none."""
-    flows.hit_rates._windows.clear()
+    outcomes.hit_rates._windows.clear()
 
 
 class Counter:

@@ -12,8 +12,8 @@ import uuid
 
 import pytest
 
-from ragcache import effects, flows
-from ragcache.flows import make_request
+from ragcache import effects, flows, plans
+from ragcache.plans import make_request
 from ragcache.policies import registry
 from ragcache.scripts import PUBLISH
 
@@ -61,7 +61,7 @@ def test_a_leader_cancelled_while_publishing_releases_its_lock_and_closes_the_up
     upstream = Upstream()
     request = make_request([{"role": "user", "content": f"cancel {uuid.uuid4().hex}"}], model="m", policy="default",
                            scope=None, params=None, context_version=None, kind="stream")
-    key = flows.plan(request, registry.current()).key
+    key = plans.plan(request, registry.current()).key
     with pytest.raises(asyncio.CancelledError):
         drive_until_publish_then_cancel(flows.get_or_stream(request, lambda: upstream))
     assert upstream.sent == 1 and upstream.closed

@@ -21,12 +21,12 @@ import orjson
 import pytest
 from asgiref.sync import async_to_sync
 
-from ragcache import flows, keys
+from ragcache import keys, outcomes, plans
 from ragcache.aggregation import aggregate
 from ragcache.entries import StreamRecorder
 from ragcache.exceptions import StreamInterrupted
-from ragcache.flows import make_request
 from ragcache.models import ModelPrice, UsageRecord
+from ragcache.plans import make_request
 from ragcache.policies import registry
 from ragcache.services import cache_service
 
@@ -43,7 +43,7 @@ def policy(policy_factory):
 
 @pytest.fixture(autouse=True)
 def fresh_hit_rates():
-    flows.hit_rates._windows.clear()
+    outcomes.hit_rates._windows.clear()
 
 
 def question(label: str) -> list[dict]:
@@ -570,7 +570,7 @@ def test_a_dead_leader_is_not_waited_for_beyond_lock_wait(fake_llm, policy, sett
     messages = question("dead leader")
     request = make_request(messages, model=MODEL, policy="default", scope=None, params=None, context_version=None,
                            kind="stream")
-    lock = flows.plan(request, registry.current()).key.lock
+    lock = plans.plan(request, registry.current()).key.lock
     redis_client.set(lock, "a-dead-process", px=60_000)
     stream = cache_service.get_or_stream(messages, sdk_stream(client, messages), model=MODEL)
     chunks = [as_json(c) for c in stream]
