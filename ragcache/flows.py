@@ -1,9 +1,9 @@
 """The cache's decisions, written once for the sync and async APIs (see effects.py).
 
-Reading order of a hit: ``plan`` (policy from the in-memory snapshot, flags, key) ->
-``lookup`` (one LOOKUP script: the entry, the policy version, the stamps of its sources
-and the usage event, in one round trip) -> ``decode`` -> ``record`` (metrics, the step
-63 line: every outcome is recorded in that one place).
+Reading order of a hit: ``plans.plan`` (policy from the in-memory snapshot, flags, key)
+-> ``lookup`` (one LOOKUP script: the entry, the policy version, the stamps of its
+sources and the usage event, in one round trip) -> ``entries.decode`` ->
+``outcomes.record_lookup`` (metrics, the step 63 line: every outcome is recorded there).
 
 A miss under mode ``on`` takes the single-flight lock in that same round trip. The
 leader calls the LLM and stores (STORE: value and expiry together, the write guard, the
