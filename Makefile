@@ -23,7 +23,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# make bench: every row of issue 12 in one run (~4 minutes; docs/performance.md). Groups:
+# make bench: every row of the performance table in one run (~4 minutes; docs/performance.md). Groups:
 # BENCH_ARGS="--only sync|async|remote|http|profile|callgrind" (comma-separated). Needs
 # redis-server and taskset; the HTTP rows need wrk, callgrind needs valgrind and gcc
 # (Debian: apt-get install redis-server wrk valgrind gcc).

@@ -367,8 +367,10 @@ def main(argv=None) -> int:
         pre_restart_aggregation = aggregate_now("just before the restart")
         raw = redis.Redis(port=redis_server.port)
         raw.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
-        in_stream = [(event_id.decode(), fields.get(b"r", b"?").decode())
-                     for event_id, fields in raw.xrange(store.stream_key())]
+        # UsageRecord.event_id is "<shard>-<stream id>": one stream per virtual shard.
+        in_stream = [(f"{shard}-{event_id.decode()}", fields.get(b"r", b"?").decode())
+                     for shard, stream in enumerate(store.current_layout().streams)
+                     for event_id, fields in raw.xrange(stream)]
         raw.close()
         down_at = time.monotonic() - t0
         redis_server.stop()
