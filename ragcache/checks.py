@@ -159,6 +159,13 @@ def check_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> l
     config = get_config()
     messages.extend(_check_values(config))
     messages.extend(_check_upstream(config["UPSTREAM"]))
+    if "LOCK_POLL_INTERVAL" in user:
+        messages.append(Warning(
+            "RAGCACHE['LOCK_POLL_INTERVAL'] has no effect since ragcache 0.2: identical concurrent misses "
+            "wait on the leader's flight instead of polling.",
+            hint="Remove RAGCACHE['LOCK_POLL_INTERVAL']; RAGCACHE['LOCK_WAIT'] still bounds the wait.",
+            id="ragcache.W006",
+        ))
     if config["REDIS_CLUSTER_URL"] is not None:
         messages.extend(_check_cluster(config["REDIS_CLUSTER_URL"]))
     alias = config["CACHE_ALIAS"]

@@ -626,14 +626,14 @@ def test_concurrent_identical_misses_make_one_call(default_policy, ragcache_sett
 
 
 def test_waiting_followers_are_counted_once_each_in_metrics(default_policy, ragcache_settings):
-    """Followers poll every LOCK_POLL_INTERVAL; each request is still one lookup in the
-    metrics (as in the usage stream), not one per poll."""
+    """Followers wait on the leader's flight; each request is still one lookup in the
+    metrics (as in the usage stream), not one per read of the flight."""
     from prometheus_client import REGISTRY
 
     def lookups(result):
         return REGISTRY.get_sample_value("ragcache_lookups_total", {"policy": "default", "result": result}) or 0.0
 
-    ragcache_settings(LOCK_WAIT=20.0, LOCK_POLL_INTERVAL=0.01)
+    ragcache_settings(LOCK_WAIT=20.0)
     registry.current()
     before = {r: lookups(r) for r in ("hit", "miss")}
     llm = Counter(openai_answer("slow answer"), delay=0.5)
@@ -747,7 +747,7 @@ def test_no_convoy_when_the_answer_cannot_be_cached(default_policy, ragcache_set
 
 
 def test_follower_calls_itself_when_the_leader_vanishes(default_policy, ragcache_settings, redis_client):
-    ragcache_settings(LOCK_WAIT=0.3, LOCK_POLL_INTERVAL=0.02)
+    ragcache_settings(LOCK_WAIT=0.3)
     lock_key = cache_key("q").lock
     redis_client.set(lock_key, "a leader that died", px=60_000)
     llm = Counter("my own answer")

@@ -562,3 +562,9 @@ def test_one_slow_reply_among_good_ones_does_not_open_the_breaker(private_redis,
     assert connection.breaker.open_until == 0 and connection.breaker.timeouts == 1
     assert cache_service.get_cached_response("q", model=MODEL) is not None  # the next one is served
     assert connection.breaker.timeouts == 0
+
+
+def test_the_retired_poll_interval_setting_is_a_warning_naming_it(settings):
+    settings.RAGCACHE = {**settings.RAGCACHE, "LOCK_POLL_INTERVAL": 0.05}
+    (warning,) = [m for m in run_checks() if m.id == "ragcache.W006"]
+    assert "LOCK_POLL_INTERVAL" in warning.msg and "LOCK_WAIT" in warning.hint
