@@ -1,3 +1,3 @@
 """ragcache: cache LLM / RAG answers in Redis, under admin-managed policies."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
