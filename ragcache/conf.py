@@ -40,9 +40,11 @@ DEFAULTS: dict[str, Any] = {
     "POLICY_MAX_AGE": 60.0,
     # While the database cannot load the policies, try again at most this often (seconds).
     "POLICY_RETRY_INTERVAL": 5.0,
-    # Usage events: cap of all shards' streams together (oldest dropped past it), batch
-    # size, aggregation lock, retention of raw records, and when health calls a stalled
-    # aggregation (seconds since the last run while events wait).
+    # Usage events: the streams' cap (each shard's stream keeps at most 1/16 of it, oldest
+    # dropped past that: events spread evenly fill 1/16 of the cap in all, a shard with hot
+    # questions holds 16x its even share; if every shard filled, 16x the cap), batch size,
+    # aggregation lock, retention of raw records, and when health calls the aggregation
+    # stalled (the age in seconds of the oldest event still waiting).
     "STREAM_MAXLEN": 1_000_000,
     "AGGREGATE_BATCH": 5000,
     "AGGREGATION_LOCK_TIMEOUT": 120.0,

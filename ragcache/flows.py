@@ -116,6 +116,7 @@ def lookup(request: Request, *, lock: bool = False):
                  logging.DEBUG)
     if _later:
         yield from _run_later()
+    began = time.perf_counter()
     current = yield from _plan(request)
     for _attempt in range(2):
         if current.bypass:
@@ -157,6 +158,7 @@ def lookup(request: Request, *, lock: bool = False):
                 yield from _corrupt(request, current, str(exc), reply[5])
                 return Lookup(current, "miss", "corrupt")
             record_lookup(request, current, "shadow_hit" if shadow else "hit", cached=None if shadow else cached,
+                          since=began,
                           lost=reply[4])
             return Lookup(current, "miss", "shadow") if shadow else Lookup(current, "hit", cached=cached)
         if status == b"follower":
@@ -165,7 +167,8 @@ def lookup(request: Request, *, lock: bool = False):
         if reason == "corrupt":
             metrics.child(metrics.CORRUPT_ENTRIES, policy.name).inc()
             logger.warning("ragcache: unreadable entry %s deleted; served as a miss", key.short)
-        record_lookup(request, current, "stale_source" if reason == "stale_source" else "miss", reason, lost=reply[3])
+        record_lookup(request, current, "stale_source" if reason == "stale_source" else "miss", reason, lost=reply[3],
+                      since=began)
         leader = status == b"leader"
         return Lookup(current, "leader" if leader else "miss", reason, token=token if leader else "",
                       stamps=reply[4].decode() if current.sources else "")
@@ -356,6 +359,8 @@ def get_cached_response(request: Request):
 
 
 def cache_response(request: Request, response: Any, latency_ms: float | None):
+    if _later:  # a process that only stores runs its deferred cleanups here
+        yield from _run_later()
     current = yield from _plan(request)
     if current.bypass and registry.check_due():
         # No lookup tells a store-only caller that the cache came back (kill switch off):
@@ -478,6 +483,8 @@ def _pass_through(request: Request, plan: Plan, iterator: Any, token: str, stamp
         except BaseException as exc:
             # An error of the upstream, or our caller cancelled (a client that went away).
             reason = "upstream_error" if isinstance(exc, Exception) else "incomplete"
+            if may_store:
+                record_store(plan, "refused", reason=reason)
             yield from _release(plan, token, "failed", refused, reason)
             yield from _close(iterator)
             raise

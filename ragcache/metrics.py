@@ -28,7 +28,8 @@ LOOKUP_SECONDS = Histogram(
     buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
 TOKENS_AVOIDED = Counter(
-    "ragcache_tokens_avoided", "Prompt + completion tokens not paid for thanks to hits.", ["policy", "model"]
+    "ragcache_tokens_avoided", "Input (cached input included) and output tokens not paid for thanks to hits.",
+    ["policy", "model"],
 )
 COST_AVOIDED = Counter("ragcache_cost_avoided", "Cost (entry's currency) not paid thanks to hits.", ["policy", "model"])
 ENTRY_BYTES = Histogram(
@@ -95,7 +96,9 @@ AGGREGATION_SECONDS = Histogram(
     "ragcache_aggregation_seconds", "Duration of an aggregation run.",
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
 )
-AGGREGATED_EVENTS = Counter("ragcache_aggregated_events", "Usage events written to the database.")
+AGGREGATED_EVENTS = Counter(
+    "ragcache_aggregated_events", "Usage events read and acknowledged by aggregation (written, duplicate or malformed)."
+)
 EVENTS_LOST = Counter(
     "ragcache_usage_events_lost", "Usage events that could not be written (reason: redis_full, redis_unavailable).",
     ["reason"],

@@ -76,9 +76,10 @@ hit_rates = HitRates()
 
 
 def record_lookup(request: Request, plan: Plan, result: str, reason: str = "", *, cached: CachedResponse | None = None,
-                  lost: int = 0) -> None:
+                  lost: int = 0, since: float | None = None) -> None:
     """Count one lookup's outcome: ``result`` is hit, miss, shadow_hit, stale_source,
-    bypass or error (the ``ragcache_lookups_total`` label)."""
+    bypass or error (the ``ragcache_lookups_total`` label). ``since``: when this lookup
+    began (``ragcache_lookup_seconds`` times the lookup, not a follower's wait before it)."""
     name = plan.policy_name
     metrics.child(metrics.LOOKUPS, name, result).inc()
     if lost:
@@ -90,8 +91,8 @@ def record_lookup(request: Request, plan: Plan, result: str, reason: str = "", *
             if result == "bypass" and reason != "no_cache":
                 _log_tracked(plan, result, reason)
         return
-    elapsed = time.perf_counter() - request.started
-    metrics.child(metrics.LOOKUP_SECONDS, name).observe(elapsed)
+    now = time.perf_counter()
+    metrics.child(metrics.LOOKUP_SECONDS, name).observe(now - (request.started if since is None else since))
     hit_rates.record(name, result == "hit")
     if step_logger.isEnabledFor(logging.DEBUG):
         log_step(62, {"policy": name, "cache_key": plan.key.short, "hit": result == "hit", "result": result,
@@ -99,7 +100,7 @@ def record_lookup(request: Request, plan: Plan, result: str, reason: str = "", *
         if result == "miss" and reason:  # lock_timeout, leader_released, corrupt, ...
             _log_tracked(plan, result, reason)
     if result == "hit" and cached is not None:
-        record_hit(request, plan, cached, elapsed * 1000, reason)
+        record_hit(request, plan, cached, (now - request.started) * 1000, reason)
 
 
 def record_hit(request: Request, plan: Plan, cached: CachedResponse, waited_ms: float, reason: str = "") -> None:

@@ -14,7 +14,6 @@ from .conf import get_config
 from .effects import RELOAD
 from .exceptions import InvalidRequestError, ScopeRequiredError
 from .keys import (
-    SHARDS,
     CacheKey,
     Messages,
     content_digest,
@@ -33,6 +32,7 @@ from .usage import event_header
 logger = logging.getLogger("ragcache.services")
 
 MAX_SOURCE_LENGTH = 512
+STREAM_SHARE = 16  # each shard's stream may hold 1/STREAM_SHARE of RAGCACHE["STREAM_MAXLEN"]
 
 
 @dataclass(slots=True)
@@ -177,7 +177,9 @@ class Tuning:
     def __init__(self, config: dict) -> None:
         self.config = config
         self.layout = layout(config["KEY_PREFIX"])
-        self.stream_maxlen = max(1, int(config["STREAM_MAXLEN"]) // SHARDS)  # per shard
+        # Per shard: a sixteenth of the cap, so a shard with hot questions holds 16x its even
+        # share before trimming (the streams together stay bounded: see conf.STREAM_MAXLEN).
+        self.stream_maxlen = max(1, int(config["STREAM_MAXLEN"]) // STREAM_SHARE)
         self.lock_ms = int(float(config["LOCK_TIMEOUT"]) * 1000)
         self.stamp_ttl_ms = (int(config["MAX_TTL"]) + 3600) * 1000  # outlives any entry citing it
         # A stamp a lookup creates for the write guard: the store extends it to stamp_ttl_ms;

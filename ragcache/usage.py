@@ -92,9 +92,9 @@ class UsageTracker:
     @staticmethod
     def _append(event: UsageEvent) -> bool:
         from . import store
-        from .conf import get_config
         from .entries import KIND_RESPONSE, Usage, make_meta
-        from .keys import SHARDS, shard_of
+        from .keys import shard_of
+        from .plans import tuning
         from .policies import registry
         from .scripts import EVENT
 
@@ -112,7 +112,7 @@ class UsageTracker:
                 latency_ms=event.latency_avoided_ms, created=now, expires=now)]
         try:
             reply = store.run(EVENT, [layout.streams[shard], layout.versions[shard]],
-                              ["1", max(1, int(get_config()["STREAM_MAXLEN"]) // SHARDS), *fields], shard=shard)
+                              ["1", tuning().stream_maxlen, *fields], shard=shard)
         except store.RedisUnavailable:
             metrics.child(metrics.EVENTS_LOST, "redis_unavailable").inc()
             return False

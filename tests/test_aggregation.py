@@ -273,8 +273,8 @@ def test_malformed_events_are_dropped_counted_and_acknowledged(policy_factory, r
 
 
 def test_backlog_is_bounded_by_stream_maxlen_and_visible(settings, policy_factory, redis_client):
-    # Each of the 256 shards' streams is capped at STREAM_MAXLEN / 256 = 50 events.
-    settings.RAGCACHE = {**settings.RAGCACHE, "STREAM_MAXLEN": 256 * 50}
+    # Each of the 256 shards' streams is capped at STREAM_MAXLEN / 16 = 50 events.
+    settings.RAGCACHE = {**settings.RAGCACHE, "STREAM_MAXLEN": 16 * 50}
     policy_factory("default")
     for i in range(600):  # every key of shard 0 (the shard comes from the key's digits 8 to 16)
         assert usage_tracker.track(UsageEvent(policy="default", result="miss", model="gpt",

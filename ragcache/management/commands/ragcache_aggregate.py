@@ -22,7 +22,8 @@ class Command(BaseCommand):
             result = aggregate()
         except store.RedisUnavailable as exc:
             raise CommandError(
-                f"Redis is unavailable ({exc or type(exc).__name__}); nothing was aggregated. "
+                f"Redis is unavailable ({exc or type(exc).__name__}). Batches committed before that are kept; "
+                "the other events wait in Redis for the next run. "
                 "Check CACHES[RAGCACHE['CACHE_ALIAS']]['LOCATION'] and that Redis is running."
             ) from exc
         if result.status == "busy":
