@@ -93,9 +93,13 @@ class Close:
 
 
 class Reload:
-    """Load the policy snapshot from the database (the ORM: a thread in async code)."""
+    """Load the policy snapshot from the database (the ORM: a thread in async code).
+    ``version``: the newer policy version Redis showed (see PolicyRegistry.reload)."""
 
-    __slots__ = ()
+    __slots__ = ("version",)
+
+    def __init__(self, version: int = 0) -> None:
+        self.version = version
 
 
 class Emit:
@@ -240,7 +244,7 @@ def _execute(effect: Any) -> Any:
     if kind is Reload:
         from .policies import registry
 
-        return registry.reload()
+        return registry.reload(effect.version)
     raise TypeError(f"unknown effect {effect!r}")
 
 
@@ -322,7 +326,7 @@ async def _aexecute(effect: Any) -> Any:
     if kind is Reload:
         from .policies import registry
 
-        return await sync_to_async(registry.reload, thread_sensitive=True)()
+        return await sync_to_async(registry.reload, thread_sensitive=True)(effect.version)
     raise TypeError(f"unknown effect {effect!r}")
 
 

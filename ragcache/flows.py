@@ -31,7 +31,7 @@ import orjson
 from . import metrics
 from .conf import get_config
 from .connection import RedisUnavailable
-from .effects import END, RELOAD, Begin, Call, Close, ConsumerGone, Emit, Next, Run, RunEach, Sleep, WaitFlight
+from .effects import END, Begin, Call, Close, ConsumerGone, Emit, Next, Reload, Run, RunEach, Sleep, WaitFlight
 from .entries import (
     KIND_RESPONSE,
     KIND_STREAM,
@@ -106,7 +106,7 @@ def _bypass(request: Request, plan: Plan):
     # Every bypass is recorded, an unknown policy's too (under the name "unknown").
     version = yield from _event(plan, "r", "bypass", "h", plan.header, "x", plan.bypass)
     if version is not None and registry.needs(version):
-        yield RELOAD  # e.g. the kill switch was turned off: the next request uses the cache
+        yield Reload(version)  # e.g. the kill switch was turned off: the next request uses the cache
 
 
 def lookup(request: Request, *, lock: bool = False):
@@ -150,7 +150,7 @@ def lookup(request: Request, *, lock: bool = False):
             current = yield from _replan(request, int(reply[1]))
             continue
         if registry.needs(int(reply[1])):
-            yield RELOAD  # an edit elsewhere: the next request plans with it
+            yield Reload(int(reply[1]))  # an edit elsewhere: the next request plans with it
         if status == b"hit":
             try:
                 cached = decode(reply[2], reply[3], key.entry)
@@ -367,7 +367,7 @@ def cache_response(request: Request, response: Any, latency_ms: float | None):
         # ask the shard's version, at most once a second.
         version = yield from _event(current, record=False)
         if version is not None and registry.needs(version):
-            yield RELOAD
+            yield Reload(version)
             current = yield from _plan(request)
     return (yield from store(request, current, lambda: extract(response), kind=KIND_RESPONSE,
                              latency_ms=latency_ms, retry=True))

@@ -117,11 +117,11 @@ class CacheFlags(models.Model):
         return cls.objects.get_or_create(pk=1)[0]
 
     @classmethod
-    def next_sequence(cls) -> int:
-        """The next value of the sequence: above every earlier one and at least the
-        current time in milliseconds (so values stay above those of a database that was
-        flushed and re-created). Atomic across processes (the row is locked meanwhile)."""
-        now_ms = int(time.time() * 1000)
+    def next_sequence(cls, at_least: int = 0) -> int:
+        """The next value of the sequence: above every earlier one, at least the current
+        time in milliseconds (so values stay above those of a database that was flushed and
+        re-created) and at least ``at_least``. Atomic across processes (the row is locked)."""
+        now_ms = max(int(time.time() * 1000), at_least)
         with transaction.atomic():
             if not cls.objects.filter(pk=1).update(sequence=Greatest(models.F("sequence") + 1, models.Value(now_ms))):
                 cls.load()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .conf import get_config
-from .effects import RELOAD
+from .effects import RELOAD, Reload
 from .exceptions import InvalidRequestError, ScopeRequiredError
 from .keys import (
     CacheKey,
@@ -164,7 +164,7 @@ def _plan(request: Request):
 def _replan(request: Request, version: int):
     """The shard has a newer policy version: reload (once) and plan again."""
     if registry.needs(version):
-        yield RELOAD
+        yield Reload(version)
     snapshot = yield from _snapshot()
     return plan(request, snapshot)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 from django.db import DatabaseError
@@ -175,8 +175,14 @@ class PolicyRegistry:
         snapshot = self._snapshot
         return (snapshot is None or version > snapshot.version) and time.monotonic() >= self._retry_at
 
-    def reload(self) -> Snapshot:
-        """Load from the database; on failure keep the previous snapshot and retry later."""
+    def reload(self, seen: int = 0) -> Snapshot:
+        """Load from the database; on failure keep the previous snapshot and retry later.
+
+        ``seen``: the policy version a lookup found in Redis, which made us reload. The
+        rows just read are this database's latest, so the snapshot counts as at least that
+        new: Redis's version is only a signal to reload. A version from elsewhere (another
+        database sharing the key prefix, a database restored from a backup) is then never
+        chased again by every lookup, at the cost of one SQL reload per lookup."""
         if self._snapshot is not None and time.monotonic() < self._retry_at:
             return self._snapshot
         try:
@@ -194,6 +200,8 @@ class PolicyRegistry:
             if self._snapshot is None:
                 return Snapshot(version=-1, kill_switch=True, loaded_at=time.monotonic(), available=False)
             return self._snapshot
+        if seen > snapshot.version:
+            snapshot = replace(snapshot, version=seen)
         with self._lock:
             self._snapshot = snapshot
             self._retry_at = 0.0
@@ -225,13 +233,18 @@ def _close_if_broken() -> None:
 registry = PolicyRegistry()
 
 
-def announce(version: int) -> None:
-    """Write ``version`` to every shard's copy (only ever raising it). Raises RedisUnavailable."""
+def announce(version: int) -> int:
+    """Write ``version`` to every shard's copy (only ever raising it); returns the highest
+    version the copies now hold. Raises RedisUnavailable."""
     from . import store
     from .scripts import ANNOUNCE
 
     layout = store.current_layout()
-    store.run_each([(ANNOUNCE, [key], [version]) for key in layout.versions])
+    replies = store.run_each([(ANNOUNCE, [key], [version]) for key in layout.versions])
+    failed = [reply for reply in replies if isinstance(reply, Exception)]
+    if failed:
+        raise store.RedisUnavailable(f"{len(failed)} of {len(replies)} shards did not take the version: {failed[0]}")
+    return max(int(reply) for reply in replies)
 
 
 def policies_changed() -> None:
@@ -243,7 +256,13 @@ def policies_changed() -> None:
     registry.invalidate()
     try:
         version = CacheFlags.next_sequence()
-        announce(version)
+        highest = announce(version)
+        if highest > version:
+            # Redis holds a version from elsewhere (another database under this KEY_PREFIX, a
+            # restored backup): take a newer one, or no process would notice this edit.
+            logger.warning("ragcache: Redis holds a policy version (%d) ahead of this database's; another "
+                           "database may share RAGCACHE['KEY_PREFIX'] (give each its own)", highest)
+            announce(CacheFlags.next_sequence(at_least=highest + 1))
     except store.RedisUnavailable:
         logger.warning(
             "ragcache: the change is saved, but Redis is unreachable to announce it; other processes "

@@ -244,10 +244,11 @@ for i = 1, #KEYS do redis.call('UNLINK', KEYS[i]) end
 return #KEYS
 """)
 
-# KEYS: 1 policy version copy; ARGV: 1 new version. Versions only ever grow.
+# KEYS: 1 policy version copy; ARGV: 1 new version. Versions only ever grow. Reply: the copy's version.
 ANNOUNCE = Script("announce", """
-if (tonumber(redis.call('GET', KEYS[1]) or '0') or 0) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
-return 1
+local current = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]); return tonumber(ARGV[1]) end
+return current
 """)
 
 # KEYS: 1 lock; ARGV: 1 token, 2 ms. Extend (2 > 0) or delete (2 = 0) a lock we own.

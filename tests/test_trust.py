@@ -568,3 +568,23 @@ def test_the_retired_poll_interval_setting_is_a_warning_naming_it(settings):
     settings.RAGCACHE = {**settings.RAGCACHE, "LOCK_POLL_INTERVAL": 0.05}
     (warning,) = [m for m in run_checks() if m.id == "ragcache.W006"]
     assert "LOCK_POLL_INTERVAL" in warning.msg and "LOCK_WAIT" in warning.hint
+
+
+def test_a_policy_version_from_another_database_never_switches_the_cache_off(
+        default_policy, redis_client, django_assert_num_queries, django_capture_on_commit_callbacks):
+    """Redis's version copies ahead of this database's sequence (another database under the
+    same KEY_PREFIX, a restored backup): lookups reload once and go on hitting, without SQL."""
+    assert cache_service.cache_response("q", answer(), model=MODEL)
+    foreign = CacheFlags.load().sequence + 10_000_000
+    for key in store.current_layout().versions:
+        redis_client.set(key, foreign)
+    first = cache_service.get_or_call("q", lambda: answer("called"), model=MODEL)  # reloads once
+    assert first.hit, (first.outcome, first.reason)
+    with django_assert_num_queries(0):
+        for _ in range(20):
+            assert cache_service.get_or_call("q", lambda: answer("called"), model=MODEL).hit
+    # An edit in this database is still seen by other processes: it takes a version above Redis's.
+    with django_capture_on_commit_callbacks(execute=True):
+        default_policy.purge()
+    assert int(redis_client.get(store.current_layout().versions[0])) > foreign
+    assert cache_service.get_cached_response("q", model=MODEL) is None  # the purge reached this process
