@@ -325,15 +325,49 @@ def _make_async(kind: str) -> Any:
 MAX_IDLE_ASYNC = 64  # idle hot-path connections kept per event loop
 
 
+def _per_loop() -> dict[str, Any]:
+    """The running loop's clients. A loop's first use also starts a guard async generator:
+    ``asyncio.run`` (and asgiref's ``async_to_sync``, uvicorn...) finalise a loop's async
+    generators before closing it, and the guard then closes the loop's connections, while
+    the loop can still run them. Without it, every short-lived loop (one ``async_to_sync``
+    call, one ``asyncio.run``) would leave its connections open."""
+    loop = asyncio.get_running_loop()
+    per_loop = _async_clients.get(loop)
+    if per_loop is None:
+        for closed in [other for other in list(_async_clients) if other.is_closed()]:
+            _async_clients.pop(closed, None)  # closed without finalising its generators: let GC have them
+        per_loop = _async_clients[loop] = {}
+        guard = per_loop["guard"] = _close_at_shutdown(per_loop)
+        loop.create_task(guard.__anext__())  # started, so the loop finalises it at shutdown
+    return per_loop
+
+
+async def _close_at_shutdown(per_loop: dict[str, Any]):
+    try:
+        yield
+    finally:
+        for conn in per_loop.get("idle", ((),))[0]:
+            try:
+                await conn.disconnect()
+            except Exception:  # noqa: BLE001 - closing what may already be broken
+                pass
+        for kind in ("main", "bulk"):
+            client = per_loop.get(kind)
+            if client is not None:
+                try:
+                    await client.aclose()
+                except Exception:  # noqa: BLE001
+                    pass
+        per_loop.clear()
+        _async_clients.pop(asyncio.get_running_loop(), None)
+
+
 def async_idle() -> tuple[Any, Any]:
     """(idle connections, a maker of new ones) of the running loop's hot path: the async
     twin of ``pinned()``. Coroutines of one loop interleave, so each takes a connection
     for one command and puts it back; redis.asyncio's pool would add a lock, observability
     counters and a deprecation wrapper to every command."""
-    loop = asyncio.get_running_loop()
-    per_loop = _async_clients.get(loop)
-    if per_loop is None:
-        per_loop = _async_clients[loop] = {}
+    per_loop = _per_loop()
     found = per_loop.get("idle")
     if found is None:
         pool = async_client("main").connection_pool
@@ -343,10 +377,7 @@ def async_idle() -> tuple[Any, Any]:
 
 def async_client(kind: str = "main") -> Any:
     """The asyncio client of the running event loop (made on first use in that loop)."""
-    loop = asyncio.get_running_loop()
-    per_loop = _async_clients.get(loop)
-    if per_loop is None:
-        per_loop = _async_clients[loop] = {}
+    per_loop = _per_loop()
     found = per_loop.get(kind)
     if found is None:
         found = per_loop[kind] = _make_async(kind)

@@ -588,3 +588,22 @@ def test_a_policy_version_from_another_database_never_switches_the_cache_off(
         default_policy.purge()
     assert int(redis_client.get(store.current_layout().versions[0])) > foreign
     assert cache_service.get_cached_response("q", model=MODEL) is None  # the purge reached this process
+
+
+@pytest.mark.slow
+def test_short_lived_event_loops_leave_no_connection_behind(private_redis, default_policy):
+    """async_to_sync and asyncio.run make a loop per call: each loop's connections close with it."""
+    from asgiref.sync import async_to_sync
+
+    from ragcache import connection
+
+    client = redis_lib.Redis(port=private_redis.port)
+    assert cache_service.cache_response("q", answer(), model=MODEL)
+    before = client.info("clients")["connected_clients"]
+    for _ in range(30):
+        assert async_to_sync(cache_service.aget_cached_response)("q", model=MODEL) is not None
+    for _ in range(30):
+        assert asyncio.run(cache_service.aget_or_call("q", lambda: answer("called"), model=MODEL)).hit
+    assert client.info("clients")["connected_clients"] <= before + 1
+    assert len(connection._async_clients) == 0  # no closed loop kept alive
+    client.close()
