@@ -237,55 +237,71 @@ def _check_entry_size(config: dict[str, Any], cache: Any) -> list[CheckMessage]:
 CLUSTER_CHECK_TIMEOUT = 1.0  # seconds: the checks run at every start; a dead seed must not hold it up
 
 
-def _check_cluster(url: Any) -> list[CheckMessage]:
-    """RAGCACHE['REDIS_CLUSTER_URL']: a redis:// URL (E008) of a node in cluster mode (E009),
-    reachable (W004), whose cluster serves all 16384 slots (W005). Asks the seed node only:
-    a short CLUSTER INFO and CLUSTER SLOTS."""
+def _cluster_url_ok(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return (parts.scheme in ("redis", "rediss") and bool(parts.hostname) and (port is None or port > 0)
+            and (parts.path or "/").strip("/") in ("", "0"))
+
+
+def _check_cluster(value: Any) -> list[CheckMessage]:
+    """RAGCACHE['REDIS_CLUSTER_URL']: redis:// URLs (E008) of nodes in cluster mode (E009),
+    at least one reachable (W004), whose cluster serves all 16384 slots (W005). Asks the
+    seeds in turn, until one answers: a short CLUSTER INFO and CLUSTER SLOTS."""
     import redis
 
+    from .connection import cluster_urls
+
     setting = "RAGCACHE['REDIS_CLUSTER_URL']"
-    try:
-        parts = urlsplit(url.strip()) if isinstance(url, str) else None
-        port = parts.port if parts else None
-    except ValueError:
-        parts = port = None
-    if parts is None or parts.scheme not in ("redis", "rediss") or not parts.hostname \
-            or (parts.path or "/").strip("/") not in ("", "0"):
+    urls = cluster_urls(value)
+    bad = [url for url in urls if not _cluster_url_ok(url)]
+    if not urls or bad:
         return [Error(
-            f"{setting} must be the redis:// URL of one cluster node, not {url!r}.",
-            hint=f"For example {setting} = 'redis://10.0.0.5:7000' (rediss:// for TLS; no database number: "
-            "a cluster has only database 0). Remove it to use CACHES[RAGCACHE['CACHE_ALIAS']] instead.",
+            f"{setting} must be the redis:// URL of a cluster node (or several, separated by commas), not "
+            f"{(bad[0] if bad else value)!r}.",
+            hint=f"For example {setting} = 'redis://10.0.0.5:7000,redis://10.0.0.6:7000' (rediss:// for TLS; "
+            "no database number: a cluster has only database 0). Remove it to use "
+            "CACHES[RAGCACHE['CACHE_ALIAS']] instead.",
             id="ragcache.E008",
         )]
-    address = f"{parts.hostname}:{port or 6379}"
-    client = redis.Redis.from_url(url, socket_timeout=CLUSTER_CHECK_TIMEOUT,
-                                  socket_connect_timeout=CLUSTER_CHECK_TIMEOUT)
-    try:
-        info = client.execute_command("CLUSTER", "INFO")
-        slots = client.execute_command("CLUSTER", "SLOTS")
-    except redis.ResponseError as exc:
-        return [Error(
-            f"{setting} points at {address}, which is not in cluster mode ({str(exc)[:80]}).",
-            hint=f"Point {setting} at a node of your Redis Cluster, or remove it to use a standalone Redis "
-            "through CACHES[RAGCACHE['CACHE_ALIAS']].",
-            id="ragcache.E009",
-        )]
-    except (redis.RedisError, OSError) as exc:
+    failures = []
+    for url in urls:
+        parts = urlsplit(url)
+        address = f"{parts.hostname}:{parts.port or 6379}"
+        client = redis.Redis.from_url(url, socket_timeout=CLUSTER_CHECK_TIMEOUT,
+                                      socket_connect_timeout=CLUSTER_CHECK_TIMEOUT)
+        try:
+            info = client.execute_command("CLUSTER", "INFO")
+            slots = client.execute_command("CLUSTER", "SLOTS")
+            break
+        except redis.ResponseError as exc:
+            return [Error(
+                f"{setting} names {address}, which is not in cluster mode ({str(exc)[:80]}).",
+                hint=f"Point {setting} at nodes of your Redis Cluster, or remove it to use a standalone Redis "
+                "through CACHES[RAGCACHE['CACHE_ALIAS']].",
+                id="ragcache.E009",
+            )]
+        except (redis.RedisError, OSError) as exc:
+            failures.append(f"{address} ({type(exc).__name__})")
+        finally:
+            client.close()
+    else:
         return [Warning(
-            f"{setting} points at {address}, which did not answer ({type(exc).__name__}): ragcache serves "
-            "without cache until it does.",
-            hint=f"Check that the cluster is running and reachable from here, or fix {setting} (host, port, "
-            "password, rediss:// for TLS).",
+            f"No seed node of {setting} answered: {', '.join(failures)}. ragcache serves without cache until "
+            "one does.",
+            hint=f"Check that the cluster is running and reachable from here, or fix {setting} (hosts, ports, "
+            "password, rediss:// for TLS); list several nodes so that one down node does not matter.",
             id="ragcache.W004",
         )]
-    finally:
-        client.close()
     text = info.decode() if isinstance(info, bytes) else str(info)
     state = dict(line.split(":", 1) for line in text.split() if ":" in line)
     covered = sum(int(entry[1]) - int(entry[0]) + 1 for entry in slots)
     if covered < 16384 or state.get("cluster_state") != "ok":
         return [Warning(
-            f"The cluster at {setting} ({address}) serves {covered} of 16384 hash slots "
+            f"The cluster at {setting} (asked {address}) serves {covered} of 16384 hash slots "
             f"(cluster_state: {state.get('cluster_state', '?')}): lookups of keys in the others miss and "
             "their stores fail.",
             hint="Assign every slot to a master (redis-cli --cluster fix / --cluster check), or point "

@@ -11,9 +11,10 @@ from django.dispatch import receiver
 DEFAULTS: dict[str, Any] = {
     # django-redis cache alias whose connection settings ragcache uses (standalone Redis).
     "CACHE_ALIAS": "ragcache",
-    # A Redis Cluster seed node, e.g. "redis://127.0.0.1:7000". When set, ragcache talks to
-    # the cluster (redis-py's RedisCluster) instead of CACHE_ALIAS, with that alias's
-    # socket timeouts if it exists.
+    # Redis Cluster seed nodes: "redis://10.0.0.5:7000", several separated by commas (or a
+    # list) so that a process can start while one is down. When set, ragcache talks to the
+    # cluster (redis-py's RedisCluster) instead of CACHE_ALIAS, with that alias's socket
+    # timeouts if it exists.
     "REDIS_CLUSTER_URL": None,
     # Every Redis key ragcache writes starts with this; maintenance scans only this prefix.
     "KEY_PREFIX": "ragcache",

@@ -3,7 +3,8 @@
 Standalone Redis: the connection settings of the django-redis alias
 ``RAGCACHE["CACHE_ALIAS"]`` (its LOCATION and OPTIONS such as SOCKET_TIMEOUT), used by
 redis-py's sync client and, for the async API, by ``redis.asyncio`` with the same
-settings. Redis Cluster: ``RAGCACHE["REDIS_CLUSTER_URL"]`` (one seed node), used by
+settings. Redis Cluster: ``RAGCACHE["REDIS_CLUSTER_URL"]`` (seed nodes: one URL, several
+separated by commas, or a list), used by
 ``redis.cluster.RedisCluster`` and its asyncio twin, with the alias's timeouts when the
 alias exists. Clients are made on first use and kept per process (async ones per event
 loop: redis.asyncio connections belong to the loop that opened them).
@@ -241,6 +242,29 @@ def cluster_mode() -> bool:
     return bool(get_config()["REDIS_CLUSTER_URL"])
 
 
+def cluster_urls(value: Any = None) -> list[str]:
+    """The seed nodes of ``RAGCACHE["REDIS_CLUSTER_URL"]``: one URL, several separated by
+    commas, or a list. Several seeds let a new process start while one of them is down."""
+    value = get_config()["REDIS_CLUSTER_URL"] if value is None else value
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)):
+        return []
+    return [url.strip() for url in value if isinstance(url, str) and url.strip()]
+
+
+def _seeds(node_class: Any) -> tuple[str, list[Any]]:
+    """(the first seed's URL, the other seeds as cluster nodes) for RedisCluster.from_url."""
+    from urllib.parse import urlsplit
+
+    first, *others = cluster_urls()
+    nodes = []
+    for url in others:
+        parts = urlsplit(url)
+        nodes.append(node_class(parts.hostname, parts.port or 6379))
+    return first, nodes
+
+
 def _alias_options() -> dict[str, Any]:
     from django.conf import settings
 
@@ -275,8 +299,9 @@ def _make_sync(kind: str) -> Any:
     if kind == "bulk":
         socket_timeout = float(config["BULK_SOCKET_TIMEOUT"])
     if config["REDIS_CLUSTER_URL"]:
+        first, others = _seeds(redis.cluster.ClusterNode)
         try:
-            return redis.cluster.RedisCluster.from_url(config["REDIS_CLUSTER_URL"], **_cluster_kwargs(socket_timeout))
+            return redis.cluster.RedisCluster.from_url(first, startup_nodes=others, **_cluster_kwargs(socket_timeout))
         except redis.exceptions.RedisClusterException as exc:  # no node answered; not a RedisError
             raise redis.ConnectionError(str(exc)) from exc
     from django_redis import get_redis_connection
@@ -307,8 +332,9 @@ def _make_async(kind: str) -> Any:
     if kind == "bulk":
         socket_timeout = float(config["BULK_SOCKET_TIMEOUT"])
     if config["REDIS_CLUSTER_URL"]:
-        return redis.asyncio.cluster.RedisCluster.from_url(
-            config["REDIS_CLUSTER_URL"], **_cluster_kwargs(socket_timeout))
+        first, others = _seeds(redis.asyncio.cluster.ClusterNode)
+        return redis.asyncio.cluster.RedisCluster.from_url(first, startup_nodes=others,
+                                                           **_cluster_kwargs(socket_timeout))
     sync_pool = client("main").connection_pool
     kwargs = {k: v for k, v in sync_pool.connection_kwargs.items() if k in _ASYNC_KWARGS}
     kwargs["socket_timeout"] = socket_timeout

@@ -422,3 +422,22 @@ def test_checks_warn_when_slots_are_not_all_covered(redis_cluster, settings):
     redis_cluster.wait_healthy()
     assert "ragcache.W005" in found and "16383 of 16384" in found["ragcache.W005"], found
     assert "REDIS_CLUSTER_URL" in found["ragcache.W005"]
+
+
+def test_several_seed_nodes_let_a_process_start_while_one_is_down(cluster_backend, on_policy, settings):
+    """RAGCACHE['REDIS_CLUSTER_URL'] takes several seeds: a new process whose first seed is down
+    (a dead node, a deploy during a failover) still maps the cluster from the next one."""
+    from .conftest import free_port
+
+    assert cache_service.cache_response("seeded", "an answer", model=MODEL)
+    dead = f"redis://127.0.0.1:{free_port()}"
+    for value in (f"{dead},{cluster_backend.url}", [dead, cluster_backend.url]):
+        settings.RAGCACHE = {**settings.RAGCACHE, "REDIS_CLUSTER_URL": value}
+        connection.reset()  # a fresh process
+        assert connection.cluster_urls() == [dead, cluster_backend.url]
+        assert cache_service.get_or_call("seeded", lambda: "called", model=MODEL).hit
+        assert asyncio.run(cache_service.aget_cached_response("seeded", model=MODEL)) is not None
+        assert not [m for m in check_settings() if m.id in ("ragcache.E008", "ragcache.W004")]
+    settings.RAGCACHE = {**settings.RAGCACHE, "REDIS_CLUSTER_URL": f"{dead},{dead}"}
+    (warning,) = [m for m in check_settings() if m.id == "ragcache.W004"]
+    assert warning.msg.count("127.0.0.1") == 2  # names every seed it tried
