@@ -76,10 +76,10 @@ def _check_values(config: dict[str, Any]) -> list[CheckMessage]:
             ))
     prefix = config["KEY_PREFIX"]
     if not isinstance(prefix, str) or not prefix or not prefix.isascii() or not prefix.isprintable() \
-            or any(c in prefix for c in " *?[]:\\"):
+            or any(c in prefix for c in " *?[]{}:\\"):
         messages.append(Error(
-            "RAGCACHE['KEY_PREFIX'] must be a non-empty printable ASCII string without spaces, ':' or glob "
-            f"characters, not {prefix!r}.",
+            "RAGCACHE['KEY_PREFIX'] must be a non-empty printable ASCII string without spaces, ':', braces "
+            f"(Redis Cluster hash tags) or glob characters, not {prefix!r}.",
             hint="For example RAGCACHE['KEY_PREFIX'] = 'ragcache'.", id="ragcache.E005",
         ))
     # Access and label settings: a wrong type here silently widens access (a string is

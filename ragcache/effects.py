@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
 
 from asgiref.sync import sync_to_async
 
 from . import astore, store
+from .exceptions import InvalidRequestError
 from .scripts import Script
 
 
@@ -204,6 +205,12 @@ def _aiterator(source: Any) -> Any:
     return iterator if iterator is source else _AClosing(source, iterator)
 
 
+def _not_a_stream(result: Any) -> bool:
+    """Iterable, but a whole answer rather than its chunks: a str would replay as single
+    characters, a dict as its keys."""
+    return isinstance(result, (str, bytes, bytearray, Mapping))
+
+
 # --- sync --------------------------------------------------------------------------------
 
 def _execute(effect: Any) -> Any:
@@ -213,15 +220,12 @@ def _execute(effect: Any) -> Any:
     if kind is Call:
         result = effect.fn()
         if effect.stream:
-            if not hasattr(result, "__iter__"):
-                from .exceptions import InvalidRequestError
-
+            if not hasattr(result, "__iter__") or _not_a_stream(result):
                 raise InvalidRequestError(
-                    "call() must return an iterator of chunks; for an async iterator use aget_or_stream.")
+                    "call() must return an iterator of chunks (not a str, bytes or dict); for an async "
+                    "iterator use aget_or_stream.")
             return _iterator(result)
         if inspect.isawaitable(result):
-            from .exceptions import InvalidRequestError
-
             close = getattr(result, "close", None)
             if close:
                 close()
@@ -295,11 +299,10 @@ async def _aexecute(effect: Any) -> Any:
         if effect.stream:
             if hasattr(result, "__aiter__"):
                 return _aiterator(result)
-            if hasattr(result, "__iter__"):
+            if hasattr(result, "__iter__") and not _not_a_stream(result):
                 return _iterator(result)
-            from .exceptions import InvalidRequestError
-
-            raise InvalidRequestError("call() must return an iterator or an async iterator of chunks.")
+            raise InvalidRequestError(
+                "call() must return an iterator or an async iterator of chunks (not a str, bytes or dict).")
         return result
     if kind is Next:
         iterator = effect.iterator

@@ -561,6 +561,7 @@ def _follow_stream(request: Request, found: Lookup, call: Callable[[], Any]):
     if handed:
         raise StreamInterrupted("the identical stream this one was sharing broke off after its first chunks were "
                                 "delivered; it cannot be resumed")
+    yield Begin(_info(own, "miss"))  # no longer shared: the stream says so (reason leader_failed)
     stamps = yield from _guard_stamps(request, plan, own)
     started = time.perf_counter()
     iterator = yield Call(call, stream=True)

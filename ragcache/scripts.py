@@ -27,6 +27,17 @@ class Script:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
+# Shared Lua: a shard's policy version copy as a number. Anything else there (foreign
+# bytes, another type) counts as 0, and a key of another type is deleted: it is ragcache's
+# key, and every script of the shard reads it.
+_VERSION_LUA = """
+local function version_of(key)
+  local v = redis.pcall('GET', key)
+  if type(v) == 'table' then redis.call('UNLINK', key); return 0 end
+  return tonumber(v or '0') or 0
+end
+"""
+
 # Shared Lua: append a usage event; its id, or false when Redis refused it (full).
 _EVENT_LUA = """
 local function event(stream, maxlen, fields)
@@ -65,8 +76,8 @@ end
 # (deleted) or evicted stamp makes the entry stale. Anything at the key that ragcache did
 # not write in this schema is deleted and answered as a miss ("corrupt"). On a miss, the
 # stamps of the request's sources are read (and created if missing), for the write guard.
-LOOKUP = Script("lookup", _EVENT_LUA + _STAMPS_LUA + """
-local version = (tonumber(redis.call('GET', KEYS[3]) or '0') or 0)
+LOOKUP = Script("lookup", _VERSION_LUA + _EVENT_LUA + _STAMPS_LUA + """
+local version = version_of(KEYS[3])
 if version > tonumber(ARGV[1]) then return {'stale', version} end
 local reason = ''
 local found = redis.pcall('HMGET', KEYS[1], 'm', 'b', 's')
@@ -136,8 +147,8 @@ end
 # Write guard: nothing is stored when the policies changed since the call began (the
 # answer was made under another policy state) or when one of its sources was invalidated
 # meanwhile (its stamp is no longer the one the lookup saw).
-STORE = Script("store", _EVENT_LUA + _END_FLIGHT_LUA + """
-local version = (tonumber(redis.call('GET', KEYS[3]) or '0') or 0)
+STORE = Script("store", _VERSION_LUA + _EVENT_LUA + _END_FLIGHT_LUA + """
+local version = version_of(KEYS[3])
 local status = 'stored'
 if version > tonumber(ARGV[1]) then status = 'stale' end
 -- PEXPIRE 0 deletes the key and still answers 1: a TTL below 1 ms is never 'stored'.
@@ -220,14 +231,14 @@ return 1
 # Reply: {version, lost}. Events that belong to no other script: a bypass (which also
 # learns the policy version: how a bypassing process sees the cache come back), a
 # follower that calls the LLM itself, a stream shared live, a hit voided as corrupt.
-EVENT = Script("event", _EVENT_LUA + """
+EVENT = Script("event", _VERSION_LUA + _EVENT_LUA + """
 local lost = 0
 if ARGV[1] == '1' then
   local fields = {}
   for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
   if not event(KEYS[1], ARGV[2], fields) then lost = 1 end
 end
-return {tonumber(redis.call('GET', KEYS[2]) or '0') or 0, lost}
+return {version_of(KEYS[2]), lost}
 """)
 
 # KEYS: 1 the shard's policy version copy (names the shard's slot; not read)
@@ -245,8 +256,8 @@ return #KEYS
 """)
 
 # KEYS: 1 policy version copy; ARGV: 1 new version. Versions only ever grow. Reply: the copy's version.
-ANNOUNCE = Script("announce", """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+ANNOUNCE = Script("announce", _VERSION_LUA + """
+local current = version_of(KEYS[1])
 if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]); return tonumber(ARGV[1]) end
 return current
 """)

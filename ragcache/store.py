@@ -248,7 +248,7 @@ def backlog() -> int:
         pipe = client.pipeline(transaction=False)
         for stream in current_layout().streams:
             pipe.xlen(stream)
-        return sum(int(n or 0) for n in pipe.execute())
+        return sum(n for n in pipe.execute(raise_on_error=False) if isinstance(n, int))
 
     return guarded(total)
 
@@ -260,13 +260,28 @@ def ensure_groups() -> None:
     def create():
         client = connection.client("bulk")
         pipe = client.pipeline(transaction=False)
-        for stream in current_layout().streams:
+        streams = current_layout().streams
+        for stream in streams:
             pipe.xgroup_create(stream, STREAM_GROUP, id="0", mkstream=True)
-        for reply in pipe.execute(raise_on_error=False):
-            if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+        replies = pipe.execute(raise_on_error=False)
+        foreign = [stream for stream, reply in zip(streams, replies, strict=True)
+                   if isinstance(reply, Exception) and "WRONGTYPE" in str(reply)]
+        if foreign:
+            _remove_foreign(client, foreign)
+            for stream in foreign:
+                client.xgroup_create(stream, STREAM_GROUP, id="0", mkstream=True)
+        for reply in replies:
+            if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply) and "WRONGTYPE" not in str(reply):
                 raise reply
 
     guarded(create)
+
+
+def _remove_foreign(client, keys: list[str]) -> None:
+    logger.warning("ragcache: %d usage stream key(s) held data of another type; removed so that usage "
+                   "events can be written and aggregated again", len(keys))
+    for key in keys:  # one command per key: on a cluster they are in different slots
+        client.unlink(key)
 
 
 def read_events(count: int, pending: bool) -> list[tuple[int, str, dict | None]]:
@@ -283,7 +298,13 @@ def read_events(count: int, pending: bool) -> list[tuple[int, str, dict | None]]
             pipe = client.pipeline(transaction=False)
             for stream in streams:
                 pipe.xlen(stream)
-            shards = [shard for shard, length in enumerate(pipe.execute()) if length]
+            lengths = pipe.execute(raise_on_error=False)
+            foreign = [streams[i] for i, length in enumerate(lengths) if isinstance(length, Exception)
+                       and "WRONGTYPE" in str(length)]
+            if foreign:  # a key of another type where a usage stream belongs: ours, so removed
+                _remove_foreign(client, foreign)
+                raise redis.ResponseError("NOGROUP: foreign data at a usage stream was removed")
+            shards = [shard for shard, length in enumerate(lengths) if isinstance(length, int) and length]
         if not shards:
             return []
         per_shard = -(-count // len(shards))  # at most count (+ one per shard): AGGREGATE_BATCH bounds a batch

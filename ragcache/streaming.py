@@ -76,6 +76,9 @@ class ResponseStream(_Info, Iterator[Any]):
             raise StopIteration
         try:
             effect = step(self._flow)
+            while type(effect) is Begin:  # a follower whose leader failed calls the LLM itself
+                self.info = effect.info
+                effect = step(self._flow)
         except BaseException:
             self._done = True
             raise
@@ -140,6 +143,9 @@ class AsyncResponseStream(_Info, AsyncIterator[Any]):
             raise StopAsyncIteration
         try:
             effect = await astep(self._flow)
+            while type(effect) is Begin:  # a follower whose leader failed calls the LLM itself
+                self.info = effect.info
+                effect = await astep(self._flow)
         except BaseException:
             self._done = True
             raise

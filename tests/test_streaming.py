@@ -573,8 +573,11 @@ def test_a_dead_leader_is_not_waited_for_beyond_lock_wait(fake_llm, policy, sett
     lock = plans.plan(request, registry.current()).key.lock
     redis_client.set(lock, "a-dead-process", px=60_000)
     stream = cache_service.get_or_stream(messages, sdk_stream(client, messages), model=MODEL)
+    assert stream.outcome == "shared"  # known before the first chunk: it follows the lock's owner
     chunks = [as_json(c) for c in stream]
-    assert stream.outcome == "shared" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    # It called the upstream itself: the stream says so once it knows.
+    assert (stream.outcome, stream.reason, stream.hit) == ("miss", "leader_failed", False)
     assert fake_llm.call_count(messages) == 1
     assert ("miss", "leader_failed") in results(redis_client, ragcache_prefix)
 

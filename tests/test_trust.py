@@ -607,3 +607,35 @@ def test_short_lived_event_loops_leave_no_connection_behind(private_redis, defau
     assert client.info("clients")["connected_clients"] <= before + 1
     assert len(connection._async_clients) == 0  # no closed loop kept alive
     client.close()
+
+
+def test_foreign_data_at_a_shards_bookkeeping_keys_is_repaired(default_policy, redis_client):
+    """A key of another type where a policy version copy or a usage stream belongs: the scripts
+    and the aggregation remove it (it is ragcache's key) instead of failing on it for ever."""
+    assert cache_service.cache_response("q", answer(), model=MODEL)
+    key = cache_service.get_or_call("q", lambda: answer("called"), model=MODEL).key
+    shard = keys.shard_of(key.rsplit(":", 1)[1])
+    layout = store.current_layout()
+    redis_client.delete(layout.versions[shard])
+    redis_client.hset(layout.versions[shard], "x", "y")
+    assert cache_service.get_or_call("q", lambda: answer("called"), model=MODEL).hit
+    assert redis_client.type(layout.versions[shard]) == b"none"
+    redis_client.delete(layout.streams[shard])
+    redis_client.set(layout.streams[shard], "not a stream")
+    assert aggregation.aggregate().status == "ok"
+    assert cache_service.get_or_call("q", lambda: answer("called"), model=MODEL).hit
+    assert aggregation.aggregate().ingested >= 1  # events flow again
+
+
+@pytest.mark.parametrize("whole", ["a whole answer", {"content": "a whole answer"}, b"bytes"])
+def test_a_stream_call_must_return_chunks(default_policy, whole):
+    from ragcache.exceptions import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="iterator of chunks"):
+        list(cache_service.get_or_stream("q", lambda: whole, model=MODEL))
+
+    async def scenario():
+        with pytest.raises(InvalidRequestError, match="iterator"):
+            await cache_service.aget_or_stream("q2", lambda: whole, model=MODEL)
+
+    asyncio.run(scenario())
