@@ -13,10 +13,25 @@ from .scripts import Script
 from .store import _NOSCRIPT, _flight_entries
 
 
-async def _pinned_raw(args: Sequence) -> Any:
-    """One command on an idle connection of the loop's hot path (see connection.async_idle)."""
+async def _pinned_raw(args: Sequence, retry: bool = True) -> Any:
+    """One command on an idle connection of the loop's hot path (see connection.async_idle).
+    A reused connection that turns out dead (Redis restarted while it sat idle; the loop had
+    not seen the close yet) is retried once on a new connection, and the other idle ones,
+    surely dead too, are dropped: a burst after a restart must not fail request by request."""
     idle, make = connection.async_idle()
     conn = idle.pop() if idle else make()
+    reused = conn.is_connected
+    try:
+        return await _command(idle, conn, args)
+    except (redis.ConnectionError, ConnectionError) as exc:
+        if not (reused and retry) or isinstance(exc, redis.TimeoutError):
+            raise
+        while idle:
+            await idle.pop().disconnect(nowait=True)
+        return await _command(idle, make(), args)
+
+
+async def _command(idle, conn, args: Sequence) -> Any:
     try:
         # As redis-py's pool does: a connection the server closed, or holding unread data,
         # is replaced before it is used (can_read disconnects a broken one itself).
@@ -85,10 +100,10 @@ async def run(script: Script, keys: Sequence[str], args: Sequence, shard: int | 
     breaker.check()
     try:
         try:
-            result = await _pinned_raw(("EVALSHA", script.sha, len(keys), *keys, *args))
+            result = await _pinned_raw(("EVALSHA", script.sha, len(keys), *keys, *args), script.retry_safe)
         except _NOSCRIPT:
             await _pinned_raw(("SCRIPT", "LOAD", script.source))
-            result = await _pinned_raw(("EVALSHA", script.sha, len(keys), *keys, *args))
+            result = await _pinned_raw(("EVALSHA", script.sha, len(keys), *keys, *args), script.retry_safe)
     except Exception as exc:  # noqa: BLE001
         raise connection.translate(exc, breaker) from exc
     breaker.succeeded()

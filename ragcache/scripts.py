@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 class Script:
     name: str
     source: str
+    # Safe to run again when its reply was lost to a dead connection (the worst a second run
+    # does is one usage event twice); PUBLISH is not: followers would get a chunk twice.
+    retry_safe: bool = True
     sha: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -113,7 +116,9 @@ if tonumber(ARGV[4]) > 0 then
     status = 'leader'
   elseif not locked then
     local leader = redis.call('GET', KEYS[4])
-    if leader then return {'follower', version, leader} end
+    -- Our own token: this very lookup ran before, its reply lost (a retry): we lead.
+    if leader == ARGV[5] then status = 'leader'
+    elseif leader then return {'follower', version, leader} end
   end
 end
 local stamps = stamps_of(ARGV[10], ARGV[11], ARGV[12], ARGV[13])
@@ -216,7 +221,7 @@ return 0
 # KEYS: 1 lock, 2 flight
 # ARGV: 1 lock token, 2 lock ms, 3 flight ttl ms, 4... chunks (JSON)
 # A streaming leader publishes its chunks to followers and keeps its lock alive.
-PUBLISH = Script("publish", """
+PUBLISH = Script("publish", retry_safe=False, source="""
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 for i = 4, #ARGV do
   local ok = redis.pcall('XADD', KEYS[2], '*', 'c', ARGV[i])

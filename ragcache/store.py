@@ -45,9 +45,21 @@ def reset_clients() -> None:
     connection.reset()
 
 
-def _pinned_raw(args: Sequence) -> Any:
-    """One command on this thread's own connection (see connection.pinned)."""
+def _pinned_raw(args: Sequence, retry: bool = True) -> Any:
+    """One command on this thread's own connection (see connection.pinned). If the
+    connection, reused, turns out dead (Redis restarted meanwhile), the command is retried
+    once on a new one (the LOOKUP script treats a lock held by its own token as its own)."""
     conn = connection.pinned()
+    reused = conn._sock is not None
+    try:
+        return _command(conn, args)
+    except redis.ConnectionError as exc:
+        if not (reused and retry) or isinstance(exc, redis.TimeoutError):
+            raise
+        return _command(conn, args)  # disconnected by the failure: this connects afresh
+
+
+def _command(conn, args: Sequence) -> Any:
     try:
         # What redis-py's pool checks before lending a connection: one the server closed
         # (a restart) or that holds unread data is replaced before it is used.
@@ -76,10 +88,10 @@ def _evalsha(script: Script, keys: Sequence[str], args: Sequence) -> Any:
             # fail while another one is down.
             return client.eval(script.source, len(keys), *keys, *args)
     try:
-        return _pinned_raw(("EVALSHA", script.sha, len(keys), *keys, *args))
+        return _pinned_raw(("EVALSHA", script.sha, len(keys), *keys, *args), script.retry_safe)
     except _NOSCRIPT:
         _pinned_raw(("SCRIPT", "LOAD", script.source))
-        return _pinned_raw(("EVALSHA", script.sha, len(keys), *keys, *args))
+        return _pinned_raw(("EVALSHA", script.sha, len(keys), *keys, *args), script.retry_safe)
 
 
 def guarded(fn, *args, shard: int | None = None, **kwargs):

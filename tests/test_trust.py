@@ -639,3 +639,52 @@ def test_a_stream_call_must_return_chunks(default_policy, whole):
             await cache_service.aget_or_stream("q2", lambda: whole, model=MODEL)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_a_burst_right_after_a_redis_restart_finds_no_dead_connection(private_redis, default_policy):
+    """Connections that sat idle while Redis restarted are dead: the first command on one is
+    retried on a new connection, so the burst after a restart is served, not bypassed."""
+    async def burst(tag):
+        return await asyncio.gather(*(cache_service.aget_or_call(f"{tag} {i % 5}", lambda: answer(), model=MODEL)
+                                      for i in range(20)))
+
+    async def scenario():
+        await burst("before")  # 20 idle connections in this loop
+        assert cache_service.get_or_call("sync", lambda: answer(), model=MODEL).outcome == "miss"
+        private_redis.stop()
+        down = await burst("during")  # served without the cache; the breaker opens
+        assert {r.outcome for r in down} == {"error"}
+        private_redis.start()  # same port, empty
+        await asyncio.sleep(1.2)  # past the breaker's cooldown
+        store.ping()  # what /ragcache/health does: Redis answers, the breaker closes
+        after = await burst("after")
+        sync_after = cache_service.get_or_call("sync", lambda: answer(), model=MODEL)
+        return after, sync_after
+
+    after, sync_after = asyncio.run(scenario())
+    assert [r.outcome for r in after].count("error") == 0, [(r.outcome, r.reason) for r in after]
+    assert sync_after.outcome == "miss"  # not "error": the sync connection was replaced too
+
+
+def test_a_lookup_run_twice_with_the_same_token_leads(default_policy, redis_client):
+    """A retried LOOKUP (its first reply lost with a dead connection) finds the lock it took
+    the first time: it leads, instead of following itself."""
+    from ragcache import plans, scripts
+
+    request = plans.make_request("q", model=MODEL, policy="default", scope=None, params=None,
+                                 context_version=None)
+    key = plans.plan(request, registry.current()).key
+    t = plans.tuning()
+    keys_ = [key.entry, t.layout.streams[key.shard], t.layout.versions[key.shard], key.lock]
+
+    def lookup(token):
+        return store.run(scripts.LOOKUP, keys_, [
+            registry.current().version, "0", "hit", 60_000, token, t.stream_maxlen, "h", 0, b'{"v":2,',
+            t.layout.stamp_bases[key.shard], "", "", t.guard_stamp_ttl_ms], key.shard)
+
+    assert lookup("token-a")[0] == b"leader"
+    assert lookup("token-a")[0] == b"leader"  # the same lookup again
+    follower = lookup("token-b")
+    assert (follower[0], follower[2]) == (b"follower", b"token-a")
+    assert not scripts.PUBLISH.retry_safe and scripts.LOOKUP.retry_safe
