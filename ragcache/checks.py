@@ -19,7 +19,7 @@ NUMBERS = ("LOCK_TIMEOUT", "LOCK_WAIT", "LOCK_POLL_INTERVAL", "BREAKER_COOLDOWN"
 # Passed to Redis or used as counts: a float such as 1e6 would fail there at run time.
 INTEGERS = ("MAX_TTL", "STREAM_MAXLEN", "AGGREGATE_BATCH", "RETENTION_DAYS", "HIT_RATE_WINDOW", "MAX_ENTRY_BYTES",
             "BREAKER_TIMEOUTS",
-            "MAX_SOURCES", "GATEWAY_MAX_BODY_BYTES")
+            "MAX_SOURCES", "GATEWAY_MAX_BODY_BYTES", "GATEWAY_MAX_RESPONSE_BYTES")
 # What an entry read must move within the socket timeout, at the least: a conservative
 # floor for Redis copying the reply plus the network (bytes per second).
 ENTRY_BYTES_PER_SECOND = 20 * 1024 * 1024

@@ -65,8 +65,10 @@ DEFAULTS: dict[str, Any] = {
     "METRICS_MODELS": None,
     # The gateway's upstream (an OpenAI-compatible API): {"BASE_URL", "API_KEY", "TIMEOUT"}.
     "UPSTREAM": {},
-    # Largest request body the gateway accepts (bytes).
+    # Largest request body the gateway accepts, and largest JSON answer it takes from the
+    # upstream (bytes; a stream is passed on chunk by chunk, never held whole).
     "GATEWAY_MAX_BODY_BYTES": 1024 * 1024,
+    "GATEWAY_MAX_RESPONSE_BYTES": 32 * 1024 * 1024,
 }
 
 

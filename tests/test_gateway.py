@@ -4,6 +4,7 @@ bytes; isolation by key; every cache control allowed and refused; every error pa
 that goes away mid-stream; usage by key name; WSGI."""
 from __future__ import annotations
 
+import http.server
 import json
 import logging
 import socket
@@ -699,3 +700,74 @@ def test_a_thread_safe_shared_client_per_event_loop(gateway):
     for thread in threads:
         thread.join(30)
     assert errors == []
+
+
+# --- an upstream that misbehaves with the gateway's key or its size -----------------------------------
+
+class _EchoingUpstream(http.server.BaseHTTPRequestHandler):
+    """An upstream (or a proxy before it) that repeats the request's credentials back: in an
+    error message for ``@400``, inside the answer's text for JSON and for streams."""
+
+    def do_POST(self):  # noqa: N802 - the http.server name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        credentials = self.headers.get("Authorization", "")
+        if body["model"].endswith("@400"):
+            payload = json.dumps({"error": {"message": f"Bad request made with {credentials}",
+                                            "type": "invalid_request_error", "param": None, "code": None}}).encode()
+            self._send(400, "application/json", payload)
+        elif body.get("stream"):
+            chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": f"You sent {credentials}"},
+                                  "finish_reason": "stop"}]}
+            self._send(200, "text/event-stream", f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+        else:
+            answer = {"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"],
+                      "choices": [{"index": 0, "message": {"role": "assistant", "content": f"You sent {credentials}"},
+                                   "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}}
+            self._send(200, "application/json", json.dumps(answer).encode())
+
+    def _send(self, status: int, content_type: str, payload: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):  # keep the test output quiet
+        pass
+
+
+@pytest.fixture
+def echoing_upstream(gateway, settings):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoingUpstream)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    settings.RAGCACHE = {**settings.RAGCACHE, "UPSTREAM": {**settings.RAGCACHE["UPSTREAM"],
+                                                           "BASE_URL": f"http://127.0.0.1:{server.server_port}/v1"}}
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_an_upstream_echoing_the_gateways_key_never_passes_it_on(gateway, echoing_upstream, stream):
+    key = gateway.key()
+    refused = gateway.ask(key, question("echo 400"), stream=stream, model=f"{MODEL}@400")
+    assert refused.status_code == 400
+    assert error_of(refused)["message"] == "Bad request made with Bearer [redacted]"
+    answered = gateway.ask(key, question("echo 200"), stream=stream)
+    assert answered.status_code == 200 and "Bearer [redacted]" in answered.text
+    for response in (refused, answered):
+        assert UPSTREAM_KEY not in response.text
+
+
+def test_an_upstream_answer_over_the_limit_is_a_502(gateway, settings, redis_client, ragcache_prefix):
+    settings.RAGCACHE = {**settings.RAGCACHE, "GATEWAY_MAX_RESPONSE_BYTES": 4000}
+    key = gateway.key()
+    messages = question("huge answer")
+    response = gateway.ask(key, messages, model=f"{MODEL}@long=2000")
+    assert response.status_code == 502 and error_of(response)["code"] == "upstream_response_too_large"
+    assert entries(redis_client, ragcache_prefix) == [] and locks(redis_client, ragcache_prefix) == []
+    small = gateway.ask(key, question("small answer"), model=f"{MODEL}@long=5")
+    assert small.status_code == 200 and small.headers["x-ragcache"] == "MISS"

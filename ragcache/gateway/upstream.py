@@ -61,6 +61,15 @@ class Upstream:
     def __repr__(self) -> str:  # never the key
         return f"Upstream(url={self.url!r})"
 
+    def redact(self, data: str) -> str:
+        """``data`` from the upstream with the gateway's own key taken out: an upstream
+        (or a proxy in front of it) may echo a request's credentials in an error message,
+        and the key must never reach a client."""
+        key = self.api_key
+        if key and len(key) >= 8 and key in data:
+            return data.replace(key, "[redacted]")
+        return data
+
 
 def configured() -> Upstream:
     """The upstream from ``RAGCACHE["UPSTREAM"]``; raises ``GatewayError`` 502 when it has no ``BASE_URL``."""
@@ -120,15 +129,15 @@ def _protocol(what: str) -> GatewayError:
     return GatewayError(502, f"The upstream {what}.", type_=UPSTREAM_ERROR, code="upstream_protocol_error")
 
 
-def _openai_error_body(content: bytes, status: int) -> bytes:
-    """``content`` when it is an OpenAI-shaped error, else a body of that shape that says
-    only the status (an upstream's HTML error page is not passed on)."""
+def _openai_error_body(content: bytes, status: int, upstream: Upstream) -> bytes:
+    """``content`` when it is an OpenAI-shaped error (without the gateway's key), else a body
+    of that shape that says only the status (an upstream's HTML error page is not passed on)."""
     try:
-        found = orjson.loads(content)
+        found = orjson.loads(upstream.redact(content.decode("utf-8", "replace")))
     except orjson.JSONDecodeError:
         found = None
     if isinstance(found, dict) and isinstance(found.get("error"), dict):
-        return content
+        return orjson.dumps(found)
     return orjson.dumps({"error": {"message": f"The upstream answered HTTP {status}.", "type": UPSTREAM_ERROR,
                                    "param": None, "code": f"upstream_{status}"}})
 
@@ -142,7 +151,7 @@ async def _read_limited(response: httpx.Response) -> bytes:
     return bytes(data[:MAX_ERROR_BODY])
 
 
-async def _check_status(response: httpx.Response) -> None:
+async def _check_status(response: httpx.Response, upstream: Upstream) -> None:
     """Raise for anything but a 2xx (reading at most ``MAX_ERROR_BODY`` of the body)."""
     status = response.status_code
     if 200 <= status < 300:
@@ -162,7 +171,7 @@ async def _check_status(response: httpx.Response) -> None:
         raise _unreachable() from None
     headers = {name: value for name, value in response.headers.items()
                if name in PASSED_HEADERS or name.startswith(PASSED_HEADER_PREFIXES)}
-    raise UpstreamStatus(status, _openai_error_body(content, status), headers)
+    raise UpstreamStatus(status, _openai_error_body(content, status, upstream), headers)
 
 
 # --- JSON ------------------------------------------------------------------------------------------
@@ -170,16 +179,31 @@ async def _check_status(response: httpx.Response) -> None:
 async def complete(client: httpx.AsyncClient, upstream: Upstream, body: bytes) -> dict[str, Any]:
     """POST ``body`` (a JSON request with ``stream`` false or absent); the parsed answer.
     Raises ``UpstreamStatus`` or ``GatewayError`` (502, 504)."""
+    request = client.build_request("POST", upstream.url, content=body, headers=upstream.headers(stream=False),
+                                   timeout=upstream.timeout)
     try:
-        response = await client.post(upstream.url, content=body, headers=upstream.headers(stream=False),
-                                     timeout=upstream.timeout)
+        response = await client.send(request, stream=True)
     except httpx.TimeoutException:
         raise _timeout() from None
     except httpx.HTTPError:
         raise _unreachable() from None
-    await _check_status(response)
     try:
-        answer = orjson.loads(response.content)
+        await _check_status(response, upstream)
+        limit = int(get_config()["GATEWAY_MAX_RESPONSE_BYTES"])
+        content = bytearray()
+        async for part in response.aiter_bytes():
+            content += part
+            if len(content) > limit:  # never held without bound in memory
+                raise GatewayError(502, f"The upstream's answer is larger than {limit} bytes.", type_=UPSTREAM_ERROR,
+                                   code="upstream_response_too_large")
+    except httpx.TimeoutException:
+        raise _timeout() from None
+    except httpx.HTTPError:
+        raise _unreachable() from None
+    finally:
+        await response.aclose()
+    try:
+        answer = orjson.loads(upstream.redact(content.decode("utf-8", "replace")))
     except orjson.JSONDecodeError:
         raise _protocol("answered with a body that is not JSON") from None
     if not isinstance(answer, dict):
@@ -226,7 +250,7 @@ class ChunkStream:
             await self._response.aclose()
 
 
-async def _events(response: httpx.Response):
+async def _events(response: httpx.Response, upstream: Upstream):
     """The data of the response's events as parsed JSON objects, until ``[DONE]`` or an error event."""
     source = EventSource(response).aiter_sse()
     ended = False
@@ -239,7 +263,7 @@ async def _events(response: httpx.Response):
             if not data or event.event not in ("message", "error"):
                 continue  # keep-alives, pings
             try:
-                chunk = orjson.loads(data)
+                chunk = orjson.loads(upstream.redact(data))
             except orjson.JSONDecodeError:
                 raise _protocol("sent a stream event that is not JSON") from None
             if event.event == "error" and not (isinstance(chunk, dict) and "error" in chunk):
@@ -276,11 +300,11 @@ async def open_stream(client: httpx.AsyncClient, upstream: Upstream, body: bytes
         raise _unreachable() from None
     events = None
     try:
-        await _check_status(response)
+        await _check_status(response, upstream)
         content_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
         if content_type != "text/event-stream":
             raise _protocol("answered a stream request without an event stream")
-        events = _events(response)
+        events = _events(response, upstream)
         try:
             first = await events.__anext__()
         except StopAsyncIteration:
