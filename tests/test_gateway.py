@@ -294,8 +294,24 @@ def test_sources_header_records_sources_and_invalidation_drops_the_answer(gatewa
     assert after.headers["x-ragcache"] == "MISS" and after.headers["x-ragcache-reason"] == "stale_source"
     assert gateway.ask(key, other, headers={"X-Ragcache-Sources": "doc:9"}).headers["x-ragcache"] == "HIT"
     too_many = gateway.ask(key, cited, headers={"X-Ragcache-Sources": ",".join(f"d{i}" for i in range(40))})
-    assert too_many.status_code == 400 and "at most" in error_of(too_many)["message"]
+    assert too_many.status_code == 400 and "at most 32" in error_of(too_many)["message"]
+    assert (error_of(too_many)["code"], error_of(too_many)["param"]) == ("invalid_sources", "X-Ragcache-Sources")
+    too_long = gateway.ask(key, cited, headers={"X-Ragcache-Sources": "d" * 600})
+    assert too_long.status_code == 400 and error_of(too_long)["param"] == "X-Ragcache-Sources"
     assert gateway.ask(key, cited, headers={"X-Ragcache-Sources": ",,"}).status_code == 400
+
+
+def test_sources_header_carries_utf8_ids(gateway):
+    key = gateway.key(controls=("sources",))
+    messages = question("utf-8 source")
+    # httpx sends a str header as ASCII only; UTF-8 bytes are what a client puts on the wire.
+    headers = {"X-Ragcache-Sources": "Ärzte:1, 文書:2".encode()}
+    assert gateway.ask(key, messages, headers=headers).headers["x-ragcache"] == "MISS"
+    assert gateway.ask(key, messages, headers=headers).headers["x-ragcache"] == "HIT"
+    assert cache_service.invalidate_sources(["文書:2"]) == 1  # the id the client meant, not its mojibake
+    assert gateway.ask(key, messages, headers=headers).headers["x-ragcache-reason"] == "stale_source"
+    not_utf8 = gateway.ask(key, messages, headers={"X-Ragcache-Sources": b"doc:\xff"})
+    assert not_utf8.status_code == 400 and error_of(not_utf8)["code"] == "invalid_header"
 
 
 def test_unknown_cache_control_directives_need_no_permission(gateway):
@@ -538,11 +554,14 @@ def test_a_timeout_between_chunks_ends_the_stream_with_an_error_event(gateway, s
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
-def test_an_unreachable_upstream_is_a_502(gateway, settings, stream):
+def test_an_unreachable_upstream_is_a_502(gateway, settings, stream, caplog):
     settings.RAGCACHE = {**settings.RAGCACHE, "UPSTREAM": {**settings.RAGCACHE["UPSTREAM"],
                                                            "BASE_URL": f"http://127.0.0.1:{free_port()}/v1"}}
-    response = gateway.ask(gateway.key(), question("unreachable"), stream=stream)
+    with caplog.at_level(logging.WARNING, logger="ragcache.gateway"):
+        response = gateway.ask(gateway.key(), question("unreachable"), stream=stream)
     assert response.status_code == 502 and error_of(response)["code"] == "upstream_unreachable"
+    assert "refused" not in response.text  # the cause is the operator's, in the log
+    assert any("upstream unreachable (ConnectError" in r.getMessage() for r in caplog.records)
 
 
 def test_an_upstream_that_refuses_the_gateways_key_is_a_502_not_a_401(gateway, settings):

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from django.http import HttpRequest
 
+from ..conf import get_config
+from ..plans import MAX_SOURCE_LENGTH
 from ..policies import GatewayClient, Snapshot
 from .errors import GatewayError
 
@@ -68,6 +70,17 @@ def cache_control_directives(value: str) -> dict[str, str | None]:
     return found
 
 
+def _header_text(headers, name: str) -> str:
+    """A header's value as the client sent it: Django hands headers over decoded as
+    ISO-8859-1 (as WSGI and ASGI specify), so UTF-8 text such as a source id "Ärzte:1"
+    is decoded again. Raises ``GatewayError`` 400 for bytes that are not UTF-8."""
+    value = headers[name]
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        raise GatewayError(400, f"The {name} header is not UTF-8 text.", code="invalid_header", param=name) from None
+
+
 def read_controls(request: HttpRequest, client: GatewayClient, snapshot: Snapshot) -> Controls:
     """The controls of ``request`` under ``client``'s permissions. Raises ``GatewayError``:
     403 for a control or policy the key may not use, 400 for a malformed one or an unknown
@@ -83,7 +96,7 @@ def read_controls(request: HttpRequest, client: GatewayClient, snapshot: Snapsho
     if POLICY_HEADER in headers:
         if "policy" not in allowed:
             raise _not_allowed("policy", client.name, POLICY_HEADER)
-        policy = headers[POLICY_HEADER].strip()
+        policy = _header_text(headers, POLICY_HEADER).strip()
         if not policy:
             raise GatewayError(400, f"{POLICY_HEADER} is empty: name a cache policy.", code="invalid_policy",
                                param=POLICY_HEADER)
@@ -108,10 +121,18 @@ def read_controls(request: HttpRequest, client: GatewayClient, snapshot: Snapsho
     if SOURCES_HEADER in headers:
         if "sources" not in allowed:
             raise _not_allowed("sources", client.name, SOURCES_HEADER)
-        sources = tuple(s.strip() for s in headers[SOURCES_HEADER].split(",") if s.strip())
+        sources = tuple(dict.fromkeys(s.strip() for s in _header_text(headers, SOURCES_HEADER).split(",")
+                                      if s.strip()))
         if not sources:
             raise GatewayError(400, f"{SOURCES_HEADER} names no source: send comma-separated ids such as doc:42.",
                                code="invalid_sources", param=SOURCES_HEADER)
+        limit = int(get_config()["MAX_SOURCES"])
+        if len(sources) > limit:
+            raise GatewayError(400, f"{SOURCES_HEADER} names {len(sources)} sources; an answer may cite at most "
+                               f"{limit} (RAGCACHE['MAX_SOURCES']).", code="invalid_sources", param=SOURCES_HEADER)
+        if any(len(source) > MAX_SOURCE_LENGTH for source in sources):
+            raise GatewayError(400, f"Each source id in {SOURCES_HEADER} must be at most {MAX_SOURCE_LENGTH} "
+                               "characters.", code="invalid_sources", param=SOURCES_HEADER)
     return Controls(policy, refresh, no_store, ttl, sources)
 
 

@@ -117,15 +117,23 @@ class UpstreamStatus(Exception):
         self.status, self.content, self.headers = status, content, headers
 
 
-def _timeout() -> GatewayError:
+# The client's message stays generic; the cause goes to the operator's log (httpx's own
+# messages name the error, e.g. "[Errno 111] Connection refused", never a header).
+
+def _timeout(exc: Exception) -> GatewayError:
+    logger.warning("ragcache gateway: upstream timeout (%s); RAGCACHE['UPSTREAM']['TIMEOUT'] bounds the wait",
+                   type(exc).__name__)
     return GatewayError(504, "The upstream did not answer in time.", type_=UPSTREAM_ERROR, code="upstream_timeout")
 
 
-def _unreachable() -> GatewayError:
+def _unreachable(exc: Exception) -> GatewayError:
+    logger.warning("ragcache gateway: upstream unreachable (%s: %s); check RAGCACHE['UPSTREAM']['BASE_URL']",
+                   type(exc).__name__, str(exc)[:200])
     return GatewayError(502, "The upstream could not be reached.", type_=UPSTREAM_ERROR, code="upstream_unreachable")
 
 
 def _protocol(what: str) -> GatewayError:
+    logger.warning("ragcache gateway: the upstream %s", what)
     return GatewayError(502, f"The upstream {what}.", type_=UPSTREAM_ERROR, code="upstream_protocol_error")
 
 
@@ -165,10 +173,10 @@ async def _check_status(response: httpx.Response, upstream: Upstream) -> None:
         raise _protocol(f"answered HTTP {status}")
     try:
         content = await _read_limited(response)
-    except httpx.TimeoutException:
-        raise _timeout() from None
-    except httpx.HTTPError:
-        raise _unreachable() from None
+    except httpx.TimeoutException as exc:
+        raise _timeout(exc) from None
+    except httpx.HTTPError as exc:
+        raise _unreachable(exc) from None
     headers = {name: value for name, value in response.headers.items()
                if name in PASSED_HEADERS or name.startswith(PASSED_HEADER_PREFIXES)}
     raise UpstreamStatus(status, _openai_error_body(content, status, upstream), headers)
@@ -183,10 +191,10 @@ async def complete(client: httpx.AsyncClient, upstream: Upstream, body: bytes) -
                                    timeout=upstream.timeout)
     try:
         response = await client.send(request, stream=True)
-    except httpx.TimeoutException:
-        raise _timeout() from None
-    except httpx.HTTPError:
-        raise _unreachable() from None
+    except httpx.TimeoutException as exc:
+        raise _timeout(exc) from None
+    except httpx.HTTPError as exc:
+        raise _unreachable(exc) from None
     try:
         await _check_status(response, upstream)
         limit = int(get_config()["GATEWAY_MAX_RESPONSE_BYTES"])
@@ -194,12 +202,14 @@ async def complete(client: httpx.AsyncClient, upstream: Upstream, body: bytes) -
         async for part in response.aiter_bytes():
             content += part
             if len(content) > limit:  # never held without bound in memory
+                logger.warning("ragcache gateway: an upstream answer exceeded RAGCACHE['GATEWAY_MAX_RESPONSE_BYTES'] "
+                               "(%d bytes)", limit)
                 raise GatewayError(502, f"The upstream's answer is larger than {limit} bytes.", type_=UPSTREAM_ERROR,
                                    code="upstream_response_too_large")
-    except httpx.TimeoutException:
-        raise _timeout() from None
-    except httpx.HTTPError:
-        raise _unreachable() from None
+    except httpx.TimeoutException as exc:
+        raise _timeout(exc) from None
+    except httpx.HTTPError as exc:
+        raise _unreachable(exc) from None
     finally:
         await response.aclose()
     try:
@@ -274,8 +284,8 @@ async def _events(response: httpx.Response, upstream: Upstream):
             if chunk.get("error"):
                 ended = True
                 break
-    except httpx.TimeoutException:
-        raise _timeout() from None
+    except httpx.TimeoutException as exc:
+        raise _timeout(exc) from None
     except httpx.HTTPError:
         raise GatewayError(502, "The upstream broke off the stream.", type_=UPSTREAM_ERROR,
                            code="upstream_disconnected") from None
@@ -294,10 +304,10 @@ async def open_stream(client: httpx.AsyncClient, upstream: Upstream, body: bytes
                                    timeout=upstream.timeout)
     try:
         response = await client.send(request, stream=True)
-    except httpx.TimeoutException:
-        raise _timeout() from None
-    except httpx.HTTPError:
-        raise _unreachable() from None
+    except httpx.TimeoutException as exc:
+        raise _timeout(exc) from None
+    except httpx.HTTPError as exc:
+        raise _unreachable(exc) from None
     events = None
     try:
         await _check_status(response, upstream)
