@@ -13,12 +13,13 @@ import time
 from dataclasses import dataclass
 
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
 from django.contrib.admin.widgets import AdminIntegerFieldWidget
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseNotAllowed, HttpResponseRedirect
-from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from django.utils.html import format_html
+from django.utils.translation import gettext
 
 from . import store
 from .models import CachePolicy, human_duration
@@ -118,11 +119,27 @@ def purge_message(done: list[tuple[CachePolicy, int, int]]) -> str:
             f"now on, in every process, and expire on their TTL (at most {human_duration(longest)}).")
 
 
+def missing_object_redirect(model_admin, request, object_id: str) -> HttpResponseRedirect:
+    """The admin's own answer to an id that names nothing (``abc``, a deleted row): its
+    "doesn't exist" warning and a redirect to the list, never a 500."""
+    opts = model_admin.model._meta
+    # Django's own wording (and its translations), as its change and delete views say it.
+    text = gettext("%(name)s with ID “%(key)s” doesn’t exist. Perhaps it was deleted?")
+    model_admin.message_user(request, text % {"name": opts.verbose_name, "key": object_id}, messages.WARNING)
+    return HttpResponseRedirect(reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist"))
+
+
 def purge_view(model_admin, request, object_id: str):
-    """POST only: purge one policy (the change page's "Purge entries" button)."""
+    """POST only: purge one policy (the change page's "Purge entries" button). An id that
+    names no policy (not a number, or deleted) redirects to the list with a warning."""
     if request.method != "POST":
         return HttpResponseNotAllowed(["POST"])
-    policy = get_object_or_404(CachePolicy, pk=object_id)
+    if not model_admin.has_change_permission(request):  # before the lookup: which ids exist is not told
+        raise PermissionDenied
+    object_id = unquote(object_id)
+    policy = model_admin.get_object(request, object_id)  # None for "abc" as for a deleted id
+    if policy is None:
+        return missing_object_redirect(model_admin, request, object_id)
     if not model_admin.has_change_permission(request, policy):
         raise PermissionDenied
     model_admin.message_user(request, purge_message(purge([policy])), messages.SUCCESS)

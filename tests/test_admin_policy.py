@@ -92,6 +92,37 @@ def test_purge_needs_change_permission(client, policy_factory):
     assert CachePolicy.objects.get(pk=faq.pk).generation == faq.generation
 
 
+@pytest.mark.parametrize("object_id", ["abc", "999999999", "1.5", "99999999999999999999999999", "%00"])
+def test_purge_of_an_id_naming_no_policy_says_it_does_not_exist(admin_client, policy_factory, object_id):
+    """POST .../abc/purge/ was a 500 (ValueError from the pk lookup); now it answers like
+    the admin's change view: a warning and a redirect, nothing purged."""
+    faq = policy_factory("faq")
+    admin_client.raise_request_exception = False
+    url = f"{CHANGELIST_URL}{object_id}/purge/"
+    assert admin_client.get(url).status_code == 405
+    response = admin_client.post(url)
+    assert response.status_code == 302 and response["Location"] == CHANGELIST_URL
+    (message,) = messages_of(response)
+    assert "doesn\u2019t exist" in message and message.startswith("cache policy with ID")
+    assert CachePolicy.objects.get(pk=faq.pk).generation == faq.generation
+
+
+def test_purge_of_a_missing_id_without_change_permission_is_refused(client, policy_factory):
+    viewer = User.objects.create_user("viewer", password="x", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_cachepolicy"))
+    client.force_login(viewer)
+    assert client.post(f"{CHANGELIST_URL}abc/purge/").status_code == 403
+
+
+@pytest.mark.parametrize("path", ["abc/change/", "abc/delete/", "abc/history/", "99999999999999999999999999/delete/"])
+@pytest.mark.parametrize("model", ["cachepolicy", "gatewaykey", "modelprice", "usagerecord", "usagerollup"])
+def test_other_admin_urls_with_a_bad_id_are_never_a_500(admin_client, model, path):
+    admin_client.raise_request_exception = False
+    url = f"/admin/ragcache/{model}/{path}"
+    for method in (admin_client.get, admin_client.post):
+        response = method(url)
+        assert response.status_code in (302, 403, 404), (url, response.status_code)
+
 # --- TTL, entries, form -------------------------------------------------------------------
 
 def test_ttl_in_words_on_the_list_and_the_page(admin_client, policy_factory):
