@@ -24,6 +24,7 @@ from django.template.response import TemplateResponse
 
 from . import connection, store
 from .admin_policy import CENSUS_MAX_SCANNED, human_bytes
+from .admin_sources import split_source_ids
 from .entries import KIND_STREAM, CorruptEntry, parse_meta
 from .exceptions import InvalidRequestError
 from .keys import KEY_SCHEMA_VERSION, canonical_json, key_params, normalize_messages, rollout_bucket, shard_of
@@ -77,7 +78,8 @@ class ExplainForm(forms.Form):
     kind = forms.ChoiceField(choices=KINDS, initial="call", widget=forms.RadioSelect)
     sources = forms.CharField(
         required=False, widget=forms.Textarea(attrs={"rows": 2, "cols": 90}),
-        help_text="Optional: source ids, one a line, to name the entry's sources (entries keep only hashes).")
+        help_text="Optional: source ids, separated by commas or line breaks, to name the entry's sources (entries "
+                  "keep only hashes).")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -124,7 +126,7 @@ class ExplainForm(forms.Form):
         return value if not isinstance(value, str) else raw
 
     def clean_sources(self) -> list[str]:
-        return list(dict.fromkeys(line.strip() for line in self.cleaned_data["sources"].splitlines() if line.strip()))
+        return split_source_ids(self.cleaned_data["sources"])
 
 
 @dataclass

@@ -2,6 +2,8 @@
 as ``manage.py ragcache_invalidate``, for staff allowed to change cache policies."""
 from __future__ import annotations
 
+import re
+
 from django import forms
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
@@ -15,24 +17,37 @@ from .services import cache_service
 from .sources import redis_setting
 
 MAX_IDS = 10_000  # per submission
+_SEPARATORS = re.compile(r"[,\r\n]+")
+
+
+def split_source_ids(text: str) -> list[str]:
+    """``"doc:1, doc:2\ndoc:3"`` -> ``["doc:1", "doc:2", "doc:3"]``: ids are separated by
+    commas or line breaks, stripped of surrounding spaces; blanks and repeats dropped, the
+    first order kept. (An id containing a comma can only be invalidated with
+    ``manage.py ragcache_invalidate`` or ``cache_service.invalidate_sources``.)"""
+    return list(dict.fromkeys(part.strip() for part in _SEPARATORS.split(text) if part.strip()))
 
 
 class InvalidateSourcesForm(forms.Form):
     sources = forms.CharField(
-        label="Source ids", widget=forms.Textarea(attrs={"rows": 6, "cols": 60, "placeholder": "doc:42\ndoc:43"}),
-        help_text=f"One id a line, as your code passes them in sources= (e.g. doc:42); at most {MAX_IDS} ids of "
-                  f"at most {MAX_SOURCE_LENGTH} characters.")
+        label="Source ids",
+        widget=forms.Textarea(attrs={"rows": 6, "cols": 60, "placeholder": "doc:42, doc:43\ndoc:44"}),
+        help_text=f"Separated by commas or line breaks (doc:42, doc:43), as your code passes them in sources=; "
+                  f"at most {MAX_IDS:,} ids of at most {MAX_SOURCE_LENGTH} characters each. Spaces around an id "
+                  "are ignored; an id containing a comma needs manage.py ragcache_invalidate.")
 
     def clean_sources(self) -> list[str]:
-        ids = list(dict.fromkeys(line.strip() for line in self.cleaned_data["sources"].splitlines() if line.strip()))
+        ids = split_source_ids(self.cleaned_data["sources"])
         if not ids:
             raise forms.ValidationError("Enter at least one source id.")
         if len(ids) > MAX_IDS:
-            raise forms.ValidationError(f"At most {MAX_IDS} ids at a time ({len(ids)} given).")
+            raise forms.ValidationError(f"At most {MAX_IDS:,} source ids at a time; {len(ids):,} were given. "
+                                        "Submit them in several parts, or use manage.py ragcache_invalidate --file.")
         too_long = [i for i in ids if len(i) > MAX_SOURCE_LENGTH]
         if too_long:
-            raise forms.ValidationError(f"Ids are at most {MAX_SOURCE_LENGTH} characters; "
-                                        f"{len(too_long)} line(s) are longer.")
+            raise forms.ValidationError(
+                f"A source id is at most {MAX_SOURCE_LENGTH} characters; {len(too_long):,} "
+                f"{'is' if len(too_long) == 1 else 'are'} longer (the first starts {too_long[0][:40]!r}).")
         return ids
 
 

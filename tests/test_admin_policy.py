@@ -123,6 +123,49 @@ def test_other_admin_urls_with_a_bad_id_are_never_a_500(admin_client, model, pat
         response = method(url)
         assert response.status_code in (302, 403, 404), (url, response.status_code)
 
+# --- invalidate sources ----------------------------------------------------------------------
+
+INVALIDATE_URL = reverse("admin:ragcache_invalidate_sources")
+
+
+def test_invalidate_sources_splits_on_commas_and_line_breaks(admin_client, policy_factory):
+    """"doc:1, doc:2" was taken as one id (nothing cited it, so nothing was invalidated)."""
+    policy_factory("default")
+    for n in (1, 2, 3, 4):
+        assert cache_service.cache_response(f"q{n}", "x", model="m", sources=[f"doc:{n}"])
+    response = admin_client.post(INVALIDATE_URL, {"sources": " doc:1, doc:2 ,,\r\ndoc:3,\n\n doc:1 "}, follow=True)
+    assert messages_of(response) == [
+        "Invalidated 3 sources (doc:1, doc:2, doc:3): cached answers citing them miss from now on, in every "
+        "process, policy and scope."]
+    registry.invalidate()
+    assert [cache_service.get_cached_response(f"q{n}", model="m") is not None for n in (1, 2, 3, 4)] == \
+        [False, False, False, True]
+    page = text(admin_client.get(INVALIDATE_URL).content)
+    assert "Separated by commas or line breaks (doc:42, doc:43)" in page and "at most 10,000 ids" in page
+
+
+@pytest.mark.parametrize(("sources", "error"), [
+    (", ,\n,", "Enter at least one source id."),
+    (",".join(f"doc:{n}" for n in range(10_001)),
+     "At most 10,000 source ids at a time; 10,001 were given."),
+    ("doc:1, " + "y" * 513, "A source id is at most 512 characters; 1 is longer (the first starts 'yyyy"),
+])
+def test_invalidate_sources_limits_are_named(admin_client, policy_factory, sources, error):
+    policy_factory("default")
+    assert cache_service.cache_response("q1", "x", model="m", sources=["doc:1"])
+    response = admin_client.post(INVALIDATE_URL, {"sources": sources})
+    assert response.status_code == 200 and error in html.unescape(response.content.decode())
+    registry.invalidate()
+    assert cache_service.get_cached_response("q1", model="m") is not None  # nothing invalidated
+
+
+def test_explain_names_sources_given_with_commas(admin_client, policy_factory):
+    policy_factory("default")
+    assert cache_service.cache_response("q", "x", model="m", sources=["doc:1", "doc:2"])
+    entry = text(explain(admin_client, question="q", model="m", sources="doc:1, doc:2").content)
+    assert "doc:1 : intact" in entry and "doc:2 : intact" in entry
+
+
 # --- TTL, entries, form -------------------------------------------------------------------
 
 def test_ttl_in_words_on_the_list_and_the_page(admin_client, policy_factory):
