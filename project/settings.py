@@ -181,6 +181,12 @@ DEMO_LLM_DELAY_MS = int(os.environ.get("DEMO_LLM_DELAY_MS", "800"))
 DEMO_LLM_FIRST_CHUNK_MS = int(os.environ.get("DEMO_LLM_FIRST_CHUNK_MS", "300"))
 DEMO_LLM_CHUNK_DELAY_MS = int(os.environ.get("DEMO_LLM_CHUNK_DELAY_MS", "30"))
 DEMO_LLM_API_KEY = os.environ.get("DEMO_LLM_API_KEY") or None
+# The model the demo page streams through the gateway. With the built-in fake LLM,
+# "demo-llm@documents" answers from the demo's Document rows (as a model doing its own
+# retrieval would), so editing a document shows up in a streamed answer too; with a real
+# upstream (RAGCACHE_UPSTREAM_BASE_URL), set DEMO_GATEWAY_MODEL to one of its models.
+DEMO_GATEWAY_MODEL = os.environ.get("DEMO_GATEWAY_MODEL") or (
+    "demo-llm" if os.environ.get("RAGCACHE_UPSTREAM_BASE_URL") else "demo-llm@documents")
 # The demo's gateway key (made by `make run` and the demo page; git-ignored, mode 0600).
 DEMO_GATEWAY_KEY_FILE = RUN_DIR / "demo_gateway_key"
 

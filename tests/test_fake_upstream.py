@@ -190,3 +190,24 @@ def test_streams_under_wsgi_too(client, settings):
     raw = b"".join(response.streaming_content)
     events = sse_lines(raw)
     assert events[0] == b": keep-alive" and events[-1] == b"data: [DONE]"
+
+
+def test_the_answer_names_the_model_without_its_behaviours(fake_llm):
+    body = post(fake_llm, {"model": "demo-llm@long=3", "messages": question("served")}).json()
+    assert body["model"] == "demo-llm"  # so that a price for demo-llm covers demo-llm@...
+    raw = post(fake_llm, {"model": "demo-llm@long=3", "messages": question("served"), "stream": True}).content
+    assert b'"model":"demo-llm",' in raw and b"demo-llm@" not in raw
+
+
+@pytest.mark.django_db(transaction=True)
+def test_documents_answers_from_the_demo_documents(fake_llm):
+    from project.demo.models import Document
+
+    document = Document.objects.create(title="Bicycle storage", body="Bicycles go in the yard. It is locked at night.")
+    asked = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where do bicycles go?"}]
+    answer = post(fake_llm, {"model": "demo-llm@documents", "messages": asked}).json()
+    text = answer["choices"][0]["message"]["content"]
+    assert text.startswith("According to \u201cBicycle storage\u201d") and "Bicycles go in the yard." in text
+    assert f"[doc:{document.pk}]" in text and "locked at night" not in text  # the first sentence only
+    nothing = post(fake_llm, {"model": "demo-llm@documents", "messages": question("zzyzx qqq")}).json()
+    assert nothing["choices"][0]["message"]["content"].startswith("None of the demo documents")

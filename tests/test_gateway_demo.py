@@ -10,14 +10,18 @@ import stat
 import subprocess
 import sys
 
+import httpx
 import pytest
 from django.core.management import call_command
 
 from project.demo.apps import DEMO_MODEL
 from project.demo.gateway_key import ensure_demo_key
+from project.demo.models import Document
 from ragcache.gateway import auth
 from ragcache.models import GatewayKey, ModelPrice
 from ragcache.policies import registry
+
+from .gateway_helpers import data_events
 
 
 @pytest.fixture
@@ -64,7 +68,7 @@ def test_a_deactivated_demo_key_stays_deactivated(db, key_file):
 def test_the_demo_page_hands_its_script_the_gateway_and_a_working_key(client, db, key_file):
     page = client.get("/demo/").content.decode()
     config = json.loads(re.search(r'<script id="gateway-config" type="application/json">(.*?)</script>', page).group(1))
-    assert config["endpoint"] == "/v1/chat/completions" and config["model"] == DEMO_MODEL
+    assert config["endpoint"] == "/v1/chat/completions" and config["model"] == "demo-llm@documents"
     assert config["key"] == key_file.read_text().strip() and config["active"] is True
     assert "getReader()" in page and "text/event-stream" not in page  # it parses SSE itself
     registry.invalidate()
@@ -96,3 +100,34 @@ def test_the_printed_curl_snippet_streams_from_the_live_gateway(gateway, key_fil
     assert result.returncode == 0, result.stderr
     assert "HTTP/1.1 200" in result.stdout and "x-ragcache: miss" in result.stdout.lower()
     assert result.stdout.rstrip().endswith("data: [DONE]")
+
+
+def _streamed_text(response) -> str:
+    chunks = [json.loads(data) for data in data_events(response.content) if data != b"[DONE]"]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+def test_the_pages_streams_quote_the_documents_and_an_edit_makes_them_stale(gateway, settings):
+    """What the page's script does: ask /demo/sources.json, then stream from the gateway with
+    the page's model and X-Ragcache-Sources. The answer quotes the documents as they are."""
+    key = gateway.key(controls=("sources",))
+    document = Document.objects.create(title="Parking rules", body="Parking is free after six. Ask at the desk.")
+    question = "Where is parking free?"
+    found = httpx.get(gateway.server.url + "/demo/sources.json", params={"q": question}).json()
+    assert f"doc:{document.pk}" in found["sources"]
+    headers = {"X-Ragcache-Sources": ",".join(found["sources"])}
+    messages = [{"role": "user", "content": question}]
+
+    def ask():
+        response = gateway.ask(key, messages, stream=True, model=settings.DEMO_GATEWAY_MODEL, headers=headers)
+        assert response.status_code == 200
+        return response.headers["x-ragcache"], response.headers.get("x-ragcache-reason", ""), _streamed_text(response)
+
+    first = ask()
+    assert first[0] == "MISS" and f"[doc:{document.pk}]: Parking is free after six." in first[2]
+    assert ask() == ("HIT", "", first[2])
+    document.body = "Parking costs 2 EUR an hour. Ask at the desk."
+    document.save()  # the demo tracks Document: doc:<pk> is invalidated on commit
+    outcome, reason, text = ask()
+    assert (outcome, reason) == ("MISS", "stale_source")
+    assert f"[doc:{document.pk}]: Parking costs 2 EUR an hour." in text and "free after six" not in text

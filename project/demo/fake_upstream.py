@@ -26,12 +26,17 @@ index), never echoes them, and only a fingerprint of the messages is logged. ``i
 random per call, so a replayed answer is recognisable by its ``id``. ``max_tokens`` /
 ``max_completion_tokens`` below the answer's length cut it, with ``finish_reason: "length"``.
 ``response_format`` ``json_object`` or ``json_schema`` makes the content a JSON document.
+The answer's ``model`` is the name asked for without its behaviours (``demo-llm`` for
+``demo-llm@slow``), as OpenAI answers with the model that served the request.
 
 Behaviours are chosen per request, by the model name (``"demo-llm@tools,delay=20"``: the
 part after ``@``, which also enters any cache key) and/or the ``X-Fake-Behaviour`` header
 (same syntax; a cache key usually ignores headers). Comma-separated:
 
 ==================  ===============================================================================
+``documents``       answer from the demo's ``Document`` rows, as a model with its own retrieval
+                    would: the documents sharing most words with the last user message, each
+                    quoted and cited (``documents.answer_text``), read when the call is made
 ``tools``           the answer is a tool call (the first of the request's ``tools``, else
                     ``lookup``); streamed as ``tool_calls`` deltas; ``finish_reason: "tool_calls"``
 ``reasoning``       ``reasoning_content`` deltas (and ``message.reasoning_content``) before the answer
@@ -83,8 +88,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.handlers.asgi import ASGIRequest
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
@@ -219,9 +226,14 @@ class Plan:
     delay_ms: int
     messages: list
     failing: bool = True  # the failure behaviours apply (``once``: only to the first call)
+    document_text: str | None = None  # ``documents``: the answer, read from the demo's documents
 
     def has(self, name: str) -> bool:
         return name in self.behaviours
+
+    @property
+    def served_model(self) -> str:
+        return self.model.partition("@")[0]
 
     def failure(self) -> str | None:
         if not self.failing:
@@ -328,14 +340,26 @@ def _seed(plan: Plan, index: int) -> bytes:
 
 
 def _answer_text(plan: Plan, index: int) -> str:
-    seed = _seed(plan, index)
-    size = plan.options.get("long")
-    count = min(MAX_PIECES, size) if size else 14 + seed[0] % 8
-    words = [WORDS[(seed[i % 32] + 7 * (i // 32)) % len(WORDS)] for i in range(count)]
-    text = f"Answer {seed.hex()[:8]}: " + " ".join(words) + "."
+    if plan.document_text is not None:
+        text = plan.document_text
+    else:
+        seed = _seed(plan, index)
+        size = plan.options.get("long")
+        count = min(MAX_PIECES, size) if size else 14 + seed[0] % 8
+        words = [WORDS[(seed[i % 32] + 7 * (i // 32)) % len(WORDS)] for i in range(count)]
+        text = f"Answer {seed.hex()[:8]}: " + " ".join(words) + "."
     if plan.json_format:
         return orjson.dumps({"answer": text}).decode()
     return text
+
+
+def _documents_answer(messages: list) -> str:
+    """``documents``: an answer quoting the demo documents the last user message is about."""
+    from . import documents  # the demo's retrieval; imported late, it reads the models
+
+    asked = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
+    question = asked if isinstance(asked, str) else ""
+    return documents.answer_text(question, documents.relevant(question).context())
 
 
 def _reasoning_text(plan: Plan, index: int) -> str:
@@ -427,8 +451,8 @@ def completion(plan: Plan, completion_id: str, created: int) -> dict:
             message["reasoning_content"] = "".join(choice.reasoning)
         out.append({"index": choice.index, "message": message, "logprobs": None,
                     "finish_reason": choice.finish_reason})
-    body: dict[str, Any] = {"id": completion_id, "object": "chat.completion", "created": created, "model": plan.model,
-                            "choices": out}
+    body: dict[str, Any] = {"id": completion_id, "object": "chat.completion", "created": created,
+                            "model": plan.served_model, "choices": out}
     found = usage(plan, made)
     if found is not None:
         body["usage"] = found
@@ -471,7 +495,8 @@ def events(plan: Plan, completion_id: str, created: int) -> Iterator[tuple[str, 
     """The SSE events of a stream, as (COMMENT | CHUNK | ERROR | DONE, bytes), without pauses."""
     made = choices(plan)
     head: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                            "model": plan.model, "service_tier": "default", "system_fingerprint": SYSTEM_FINGERPRINT}
+                            "model": plan.served_model, "service_tier": "default",
+                            "system_fingerprint": SYSTEM_FINGERPRINT}
     failure = plan.failure()
     yield COMMENT, b": keep-alive\n\n"
     if failure == "error-first":
@@ -573,6 +598,13 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     earlier = _register(call)
     plan.failing = not (plan.has("once") and earlier)
     failure = plan.failure()
+    if plan.has("documents"):
+        try:
+            plan.document_text = await sync_to_async(_documents_answer)(plan.messages)
+        except DatabaseError:
+            logger.warning("fake LLM: the demo documents could not be read")
+            return error_response(BadRequest(500, "Fake LLM: the demo documents could not be read.",
+                                             type_="server_error"))
     logger.info("fake LLM: call %d for messages %s (stream=%s, behaviours=%s)", earlier + 1, call.fingerprint,
                 plan.stream, ",".join(plan.behaviours) or "-")
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 
+from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -87,7 +88,8 @@ def _gateway_context() -> dict:
         key, row = ensure_demo_key()
     except (DatabaseError, OSError):
         return {}
-    return {"gateway": {"endpoint": reverse("ragcache_gateway:chat-completions"), "key": key, "model": MODEL,
+    model = getattr(settings, "DEMO_GATEWAY_MODEL", MODEL)
+    return {"gateway": {"endpoint": reverse("ragcache_gateway:chat-completions"), "key": key, "model": model,
                         "active": row.is_active, "sources": reverse("demo-sources-json")}}
 
 
