@@ -71,6 +71,20 @@ def error_kind(exc: BaseException) -> str:
     return "other"
 
 
+def operator_hint(exc: RedisUnavailable) -> str:
+    """What an operator should read about ``exc``: Redis out of memory, an error reply, or
+    Redis unreachable, with the setting or the Redis option to look at."""
+    from .sources import redis_setting
+
+    if isinstance(exc, RedisCommandError):
+        if error_kind(exc) == "oom":
+            return ("Redis refused the write: it is out of memory (maxmemory reached under the noeviction "
+                    "policy). Raise maxmemory or set maxmemory-policy volatile-ttl (README, Redis memory).")
+        return f"Redis answered with an error ({str(exc)[:200]})."
+    return f"Redis is unavailable ({str(exc)[:200] or type(exc).__name__}). Check {redis_setting()} and that " \
+           "Redis is running."
+
+
 _warned: dict[str, float] = {}
 WARN_EVERY = 10.0  # seconds: a cluster has a breaker per shard; one failed master must not log 256 lines
 

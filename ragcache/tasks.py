@@ -9,6 +9,7 @@ from django.db import DatabaseError
 
 from . import store
 from .aggregation import aggregate
+from .connection import operator_hint
 
 logger = logging.getLogger("ragcache.tasks")
 
@@ -28,7 +29,7 @@ def aggregate_usage() -> dict:
     try:
         result = aggregate()
     except store.RedisUnavailable as exc:
-        logger.warning("ragcache: aggregation skipped, Redis unavailable (%s); next run retries", exc)
+        logger.warning("ragcache: aggregation stopped; the next run retries. %s", operator_hint(exc))
         return {"status": "redis_unavailable"}
     if result.ingested or result.malformed:
         logger.info(

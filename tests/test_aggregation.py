@@ -12,6 +12,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+import redis
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 from prometheus_client import REGISTRY
@@ -360,8 +361,28 @@ def test_aggregate_command_fails_clearly_without_redis(settings, db):
     caches = {**settings.CACHES}
     caches["ragcache"] = {**caches["ragcache"], "LOCATION": f"redis://127.0.0.1:{free_port()}/0"}
     settings.CACHES = caches
-    with pytest.raises(CommandError, match="Redis is unavailable"):
+    with pytest.raises(CommandError, match="Redis is unavailable") as raised:
         call_command("ragcache_aggregate", stdout=io.StringIO())
+    assert "CACHES['ragcache']['LOCATION']" in str(raised.value)
+
+
+def test_aggregate_command_says_redis_is_out_of_memory_not_unreachable(private_redis, policy_factory, db):
+    policy_factory("default")
+    cache_service.get_or_call("q", lambda: "a", model="m")  # pending events: the miss and the store
+    server = redis.Redis(port=private_redis.port)
+    server.config_set("maxmemory-policy", "noeviction")
+    server.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(CommandError) as raised:
+            call_command("ragcache_aggregate", stdout=io.StringIO())
+    finally:
+        server.config_set("maxmemory", 0)
+        server.close()
+    message = str(raised.value)
+    assert "out of memory" in message and "maxmemory" in message
+    assert "unavailable" not in message and "LOCATION" not in message
+    call_command("ragcache_aggregate", stdout=io.StringIO())  # memory back: the events were kept
+    assert sorted(UsageRecord.objects.values_list("result", flat=True)) == ["miss", "store"]
 
 
 # --- Trust (issue 10) ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from ragcache import store
 from ragcache.aggregation import aggregate
+from ragcache.connection import operator_hint
 
 
 class Command(BaseCommand):
@@ -22,10 +23,8 @@ class Command(BaseCommand):
             result = aggregate()
         except store.RedisUnavailable as exc:
             raise CommandError(
-                f"Redis is unavailable ({exc or type(exc).__name__}). Batches committed before that are kept; "
-                "the other events wait in Redis for the next run. "
-                "Check CACHES[RAGCACHE['CACHE_ALIAS']]['LOCATION'] and that Redis is running."
-            ) from exc
+                f"{operator_hint(exc)} Batches committed before that are kept; the other events wait in Redis "
+                "for the next run.") from exc
         if result.status == "busy":
             self.stdout.write("busy: another aggregation holds the lock; nothing to do here (it will finish the work)")
             return
