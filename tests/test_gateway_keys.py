@@ -60,16 +60,38 @@ def test_create_defaults_to_no_scope_default_policy_and_no_controls():
     assert "scope (none); policies default; cache controls none" in out
 
 
-def test_create_warns_about_a_policy_that_does_not_exist_yet():
-    _, err = run("create", "early", "--policy", "later")
-    assert "no cache policy named 'later'" in err
-    assert GatewayKey.objects.get(name="early").policies == ["later"]
+def test_create_refuses_a_policy_that_does_not_exist():
+    """A typo in --policy made a key whose every request bypassed the cache, with a warning
+    easy to miss in a deployment script: now nothing is created."""
+    with pytest.raises(CommandError) as raised:
+        run("create", "early", "--policy", "default", "--policy", "nope")
+    message = str(raised.value)
+    assert "'nope'" in message and "default" in message.split("nope", 1)[1]  # names the known ones after it
+    assert "'default'" not in message.split("Known", 1)[0]  # the existing one is not called unknown
+    assert not GatewayKey.objects.exists()
+
+
+def test_create_refuses_unknown_policies_without_listing_a_long_catalogue(policy_factory):
+    for i in range(30):
+        policy_factory(f"p{i:02d}")
+    with pytest.raises(CommandError) as raised:
+        run("create", "early", "--policy", "p99", "--policy", "p98")
+    message = str(raised.value)
+    assert "'p99'" in message and "'p98'" in message and "p00" in message and "p29" not in message
+    assert "admin" in message  # where to see (or create) all of them
+    assert not GatewayKey.objects.exists()
 
 
 @pytest.mark.parametrize("args, message", [
     (["create", "bad name!"], "name"),
     (["create", "ok", "--allow", "everything"], "invalid choice"),
     (["create", "ok", "--scope", "s" * 200], "scope"),
+    # An empty --scope (e.g. an unset shell variable) silently made an unscoped key sharing
+    # answers with every other unscoped key.
+    (["create", "ok", "--scope", ""], "--scope"),
+    (["create", "ok", "--scope", "   "], "--scope"),
+    (["create", "ok", "--scope", "tenant\x0042"], "--scope"),  # NUL: PostgreSQL refuses it at save
+    (["create", "ok", "--scope", "tenant\n42"], "--scope"),
 ])
 def test_create_refuses_bad_input(args, message):
     with pytest.raises(CommandError, match=message):

@@ -6,8 +6,12 @@
 
 ``create`` prints the new key once, alone on the last line of its output (only its SHA-256
 is stored: it cannot be shown again). ``--policy`` names the policies the key may use, the
-first being its default (none: only ``default``); ``--allow`` the cache controls it may send
-(no-cache, no-store, max-age, policy, sources; none by default). ``list`` shows each key's
+first being its default (none: only ``default``); each must exist already (a key naming an
+unknown policy would bypass the cache on every request), else ``CommandError`` names it and
+the policies that do exist. ``--allow`` the cache controls it may send (no-cache, no-store,
+max-age, policy, sources; none by default). ``--scope``, when given, must be printable and not
+blank: an empty value (an unset shell variable) would make a key without a scope, sharing
+answers with every other such key. ``list`` shows each key's
 prefix, never the key or its hash. Every change is announced to every process, as policy
 edits are.
 """
@@ -20,6 +24,7 @@ from django.db import transaction
 from ...models import CacheControl, CachePolicy, GatewayKey
 
 CONTROLS = [control.value for control in CacheControl]
+KNOWN_SHOWN = 20  # policies named in the error for an unknown one; the admin lists them all
 
 
 class Command(BaseCommand):
@@ -29,7 +34,7 @@ class Command(BaseCommand):
         actions = parser.add_subparsers(dest="action", required=True, metavar="{create,list,deactivate}")
         create = actions.add_parser("create", help="Create a key and print it once, on the last line.")
         create.add_argument("name", help="A unique slug, shown in usage tables (e.g. acme-prod).")
-        create.add_argument("--scope", default="", help="The scope id of every request made with this key (a "
+        create.add_argument("--scope", default=None, help="The scope id of every request made with this key (a "
                             "tenant or user id). Default: none (entries shared with other unscoped keys).")
         create.add_argument("--policy", action="append", default=[], metavar="NAME", dest="policies",
                             help="A cache policy the key may use; repeat for more. The first is its default. "
@@ -50,14 +55,23 @@ class Command(BaseCommand):
         else:
             self._deactivate(options["name"])
 
-    def _create(self, name: str, scope: str, policies: list[str], controls: list[str]) -> None:
+    def _create(self, name: str, scope: str | None, policies: list[str], controls: list[str]) -> None:
         if GatewayKey.objects.filter(name=name).exists():
             raise CommandError(f"A gateway key named {name!r} exists already: choose another name "
                                f"(or deactivate it: ragcache_gateway_key deactivate {name}).")
+        if scope is not None and (not scope.strip() or not scope.isprintable()):
+            raise CommandError(f"--scope {scope!r} is not a scope id: give a tenant or user id of printable "
+                               "characters, or leave --scope out for a key without a scope.")
         policies = list(dict.fromkeys(policies))
-        known = set(CachePolicy.objects.filter(name__in=policies).values_list("name", flat=True))
-        missing = [p for p in policies if p not in known]
-        key_row = GatewayKey(name=name, scope=scope.strip(), policies=policies,
+        found = set(CachePolicy.objects.filter(name__in=policies).values_list("name", flat=True))
+        missing = [p for p in policies if p not in found]
+        if missing:
+            known = list(CachePolicy.objects.order_by("name").values_list("name", flat=True)[:KNOWN_SHOWN + 1])
+            shown = ", ".join(known[:KNOWN_SHOWN]) + (", ..." if len(known) > KNOWN_SHOWN else "")
+            raise CommandError(
+                f"No cache policy named {', '.join(map(repr, missing))}; nothing was created. Known policies: "
+                f"{shown or '(none)'}. Create the policy first (admin: Cache policies), then the key.")
+        key_row = GatewayKey(name=name, scope=(scope or "").strip(), policies=policies,
                              allowed_cache_controls=list(dict.fromkeys(controls)))
         key = key_row.set_new_key()
         try:
@@ -67,9 +81,6 @@ class Command(BaseCommand):
             raise CommandError(f"Cannot create the key: {problems}") from None
         with transaction.atomic():
             key_row.save()
-        if missing:
-            self.stderr.write(f"Warning: no cache policy named {', '.join(map(repr, missing))} exists yet; requests "
-                              f"using it bypass the cache until it is created.")
         controls_text = ", ".join(key_row.allowed_cache_controls) or "none"
         self.stdout.write(f"Created gateway key {name!r}: scope {key_row.scope or '(none)'}; policies "
                           f"{', '.join(policies) or 'default'}; cache controls {controls_text}.")
