@@ -5,6 +5,8 @@ are settings that work but are unsafe. A check never raises, whatever the settin
 """
 from __future__ import annotations
 
+import ipaddress
+import math
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -56,11 +58,24 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real, finite number: NaN and infinity pass ``> 0`` tests but crash ``int()`` at run time."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _strings(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
+
+
+def _not_ip(entry: str) -> bool:
+    """Whether a METRICS_ALLOWED_IPS entry is neither '*', an IP address nor a network in CIDR
+    notation (host bits unset: '10.0.0.1/8' is refused, not read as '10.0.0.0/8')."""
+    if entry == "*":
+        return False
+    try:
+        ipaddress.ip_network(entry)
+    except ValueError:
+        return True
+    return False
 
 
 def _check_values(config: dict[str, Any]) -> list[CheckMessage]:
@@ -69,7 +84,7 @@ def _check_values(config: dict[str, Any]) -> list[CheckMessage]:
         value = config[name]
         whole = name in INTEGERS
         if not (_is_int(value) if whole else _is_number(value)) or value <= 0:
-            kind = "a positive whole number" if whole else "a positive number"
+            kind = "a positive whole number" if whole else "a positive (finite) number"
             messages.append(Error(
                 f"RAGCACHE[{name!r}] must be {kind}, not {value!r}.",
                 hint=f"Remove it to use the default ({DEFAULTS[name]!r}).", id="ragcache.E004",
@@ -88,7 +103,8 @@ def _check_values(config: dict[str, Any]) -> list[CheckMessage]:
         ("CACHE_ALIAS", isinstance(config["CACHE_ALIAS"], str) and bool(config["CACHE_ALIAS"]),
          "a cache alias name, e.g. 'ragcache'"),
         ("METRICS_ALLOWED_IPS", _strings(config["METRICS_ALLOWED_IPS"]),
-         "a list of client IP strings, e.g. ['127.0.0.1', '::1'] (or ['*'] for any)"),
+         "a list of client addresses or networks, e.g. ['127.0.0.1', '::1', '10.0.0.0/8'] (or ['*'] for any)"),
+        ("STEP_LOG_QUEUE", isinstance(config["STEP_LOG_QUEUE"], bool), "True or False"),
         ("METRICS_BEARER_TOKEN", config["METRICS_BEARER_TOKEN"] is None
          or (isinstance(config["METRICS_BEARER_TOKEN"], str) and bool(config["METRICS_BEARER_TOKEN"])),
          "None or a non-empty string"),
@@ -102,6 +118,27 @@ def _check_values(config: dict[str, Any]) -> list[CheckMessage]:
                 hint=f"Fix RAGCACHE[{name!r}] or remove it to use the default ({DEFAULTS[name]!r}).",
                 id="ragcache.E006",
             ))
+    allowed = config["METRICS_ALLOWED_IPS"]
+    bad = [entry for entry in allowed if _not_ip(entry)] if _strings(allowed) else []
+    if bad:
+        messages.append(Error(
+            f"RAGCACHE['METRICS_ALLOWED_IPS'] has {', '.join(map(repr, bad))}, which is not an IP address or "
+            "network: it allows no one.",
+            hint="List addresses ('192.0.2.7', '::1') or networks in CIDR notation with the host bits zero "
+            "('10.0.0.0/8', 'fd00::/8'); '*' allows any client.",
+            id="ragcache.E006",
+        ))
+    timeout, wait = config["LOCK_TIMEOUT"], config["LOCK_WAIT"]
+    if _is_number(timeout) and _is_number(wait) and 0 < timeout < wait:
+        messages.append(Warning(
+            f"RAGCACHE['LOCK_TIMEOUT'] ({timeout} s) is shorter than RAGCACHE['LOCK_WAIT'] ({wait} s): a waiting "
+            "follower would outlive the leader's lock. When the leader's LLM call (or, for a stream, the gap "
+            "between two chunks) takes longer than LOCK_TIMEOUT, its lock expires while followers still wait, and "
+            "identical questions arriving after that take a new lock and call the LLM again.",
+            hint=f"Raise RAGCACHE['LOCK_TIMEOUT'] to at least {wait} (LOCK_WAIT), or lower LOCK_WAIT; the defaults "
+            f"are {DEFAULTS['LOCK_TIMEOUT']} and {DEFAULTS['LOCK_WAIT']}.",
+            id="ragcache.W007",
+        ))
     return messages
 
 
@@ -134,7 +171,16 @@ def _check_cache(alias: str, cache: Any) -> list[CheckMessage]:
         ))
     for option in ("SOCKET_TIMEOUT", "SOCKET_CONNECT_TIMEOUT"):
         value = options.get(option)
-        if not _is_number(value) or value <= 0:
+        if value is not None and value != 0 and (not _is_number(value) or value < 0):
+            # django-redis refuses a non-number, redis-py a negative or NaN timeout: at the
+            # first connection, so every request would run without the cache.
+            messages.append(Error(
+                f"CACHES[{alias!r}]['OPTIONS'][{option!r}] must be a positive number of seconds, not {value!r}.",
+                hint=f"Set CACHES[{alias!r}]['OPTIONS'][{option!r}] = 0.1 (seconds, an int or float; not a "
+                "string such as '5s').",
+                id="ragcache.E004",
+            ))
+        elif not _is_number(value) or value <= 0:
             messages.append(Warning(
                 f"CACHES[{alias!r}]['OPTIONS'][{option!r}] is {'not set' if value is None else repr(value)}: "
                 "a stalled Redis would hold every request for as long as the operating system waits.",
@@ -186,8 +232,19 @@ def check_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> l
     return messages
 
 
+def _shown_url(url: Any) -> str:
+    """``url`` for a message: its user information (which may hold a key) masked."""
+    if not isinstance(url, str) or "@" not in url:
+        return repr(url)
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    return repr(scheme + separator + "***@" + rest.rsplit("@", 1)[-1])
+
+
 def _check_upstream(upstream: Any) -> list[CheckMessage]:
-    """The gateway's upstream (ragcache.E010), checked when it is set at all."""
+    """The gateway's upstream, checked when it is set at all: wrong types or a URL that is not
+    http(s) (ragcache.E010); no API key (ragcache.W008). Messages never show the key."""
     if upstream in (None, {}):
         return []
     problems = []
@@ -199,18 +256,29 @@ def _check_upstream(upstream: Any) -> list[CheckMessage]:
             problems.append(f"has unknown keys {', '.join(map(repr, unknown))}")
         base = upstream.get("BASE_URL")
         if not isinstance(base, str) or urlsplit(base).scheme not in ("http", "https") or not urlsplit(base).netloc:
-            problems.append(f"needs BASE_URL, an http(s) URL such as 'https://api.example/v1', not {base!r}")
+            problems.append(f"needs BASE_URL, an http(s) URL such as 'https://api.example/v1', not {_shown_url(base)}")
         if upstream.get("API_KEY") is not None and not isinstance(upstream.get("API_KEY"), str):
             problems.append("API_KEY must be a string or None")
         timeout = upstream.get("TIMEOUT")
         if timeout is not None and (not _is_number(timeout) or timeout <= 0):
             problems.append(f"TIMEOUT must be a positive number of seconds, not {timeout!r}")
-    return [Error(
-        f"RAGCACHE['UPSTREAM'] {'; '.join(problems)}.",
-        hint="Set RAGCACHE['UPSTREAM'] = {'BASE_URL': 'https://.../v1', 'API_KEY': <from the environment>, "
-        "'TIMEOUT': 60}, or remove it if you do not mount the gateway.",
-        id="ragcache.E010",
-    )] if problems else []
+    if problems:
+        return [Error(
+            f"RAGCACHE['UPSTREAM'] {'; '.join(problems)}.",
+            hint="Set RAGCACHE['UPSTREAM'] = {'BASE_URL': 'https://.../v1', 'API_KEY': <from the environment>, "
+            "'TIMEOUT': 60}, or remove it if you do not mount the gateway.",
+            id="ragcache.E010",
+        )]
+    key = upstream.get("API_KEY")
+    if key is None or not key.strip():
+        return [Warning(
+            f"RAGCACHE['UPSTREAM'] has a BASE_URL but {'no' if key is None else 'an empty'} API_KEY: the gateway "
+            "calls the upstream without an Authorization header.",
+            hint="Set RAGCACHE['UPSTREAM']['API_KEY'] (read it from the environment, never from the code). If the "
+            "upstream needs no key (a local model server), add 'ragcache.W008' to SILENCED_SYSTEM_CHECKS.",
+            id="ragcache.W008",
+        )]
+    return []
 
 
 def _check_entry_size(config: dict[str, Any], cache: Any) -> list[CheckMessage]:

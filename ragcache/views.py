@@ -4,6 +4,8 @@ read is absent, never a number standing for "unknown" (see ragcache.probes)."""
 from __future__ import annotations
 
 import hmac
+import ipaddress
+from functools import lru_cache
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
@@ -23,16 +25,46 @@ def bearer_token(request: HttpRequest) -> str | None:
     return credentials.lstrip(" ") or None  # 1*SP between scheme and token (RFC 7235)
 
 
+@lru_cache(maxsize=16)
+def _networks(allowed: tuple[str, ...]) -> tuple[bool, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]:
+    """(any client allowed, the networks) of METRICS_ALLOWED_IPS entries; an address is a
+    network of one. An entry that is neither (system check ragcache.E006) matches nothing."""
+    networks = []
+    for entry in allowed:
+        try:
+            networks.append(ipaddress.ip_network(entry))
+        except ValueError:
+            continue
+    return "*" in allowed, tuple(networks)
+
+
+def client_allowed(remote_addr: str | None, allowed: object) -> bool:
+    """Whether ``remote_addr`` (``REMOTE_ADDR``) is in ``allowed``: a list of addresses and CIDR
+    networks, or ``"*"`` among them for any client. An IPv4 client seen by a dual-stack server
+    as ``::ffff:a.b.c.d`` is matched as ``a.b.c.d``. Anything but a list or tuple of strings
+    allows no one (a string is never matched by substring)."""
+    if not isinstance(allowed, (list, tuple)) or not all(isinstance(entry, str) for entry in allowed):
+        return False
+    anyone, networks = _networks(tuple(allowed))
+    if anyone:
+        return True
+    try:
+        address = ipaddress.ip_address(remote_addr or "")
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return any(address in network or (mapped is not None and mapped in network) for network in networks)
+
+
 def access_allowed(request: HttpRequest) -> bool:
     """Bearer token if RAGCACHE['METRICS_BEARER_TOKEN'] is set; else client IP in
-    RAGCACHE['METRICS_ALLOWED_IPS'] (default: loopback only)."""
+    RAGCACHE['METRICS_ALLOWED_IPS'] (addresses and CIDR networks; default: loopback only)."""
     config = get_config()
     token = config["METRICS_BEARER_TOKEN"]
     if token:
         given = bearer_token(request)
         return given is not None and hmac.compare_digest(given.encode(), str(token).encode())
-    allowed = config["METRICS_ALLOWED_IPS"] or ()
-    return "*" in allowed or request.META.get("REMOTE_ADDR") in allowed
+    return client_allowed(request.META.get("REMOTE_ADDR"), config["METRICS_ALLOWED_IPS"])
 
 
 def _forbidden() -> HttpResponse:

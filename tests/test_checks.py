@@ -153,3 +153,136 @@ def test_checks_never_raise_on_garbage(settings):
                                                         "LOCATION": 12, "OPTIONS": "x"}}
     settings.CELERY_BROKER_URL = object()
     assert ids(check_settings()) == ["ragcache.W001", "ragcache.W003", "ragcache.W003"]
+
+
+# --- settings validation found lacking by a newcomer (0.2) ------------------------------------------
+
+@pytest.mark.parametrize("allowed", [
+    ["10.0.0.0/8", "::1/128"], ["192.168.1.0/24", "127.0.0.1", "2001:db8::/32"], ["*"], [], ("fe80::/10",),
+])
+def test_metrics_allowed_ips_takes_addresses_and_cidr_networks(settings, allowed):
+    settings.RAGCACHE = {**settings.RAGCACHE, "METRICS_ALLOWED_IPS": allowed}
+    assert ragcache_messages() == []
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.0/33", "10.0.0.1/8", "not-an-ip", "10.0.0", "::1/129", "", "localhost"])
+def test_e006_names_the_entry_of_metrics_allowed_ips_that_is_no_address_or_network(settings, bad):
+    settings.RAGCACHE = {**settings.RAGCACHE, "METRICS_ALLOWED_IPS": ["127.0.0.1", bad]}
+    messages = check_settings()
+    assert ids(messages) == ["ragcache.E006"]
+    assert "METRICS_ALLOWED_IPS" in messages[0].msg and repr(bad) in messages[0].msg
+    assert "10.0.0.0/8" in messages[0].hint  # says what a network looks like
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("SOCKET_TIMEOUT", "5s"), ("SOCKET_TIMEOUT", "0.1"), ("SOCKET_TIMEOUT", -1), ("SOCKET_TIMEOUT", float("nan")),
+    ("SOCKET_TIMEOUT", float("inf")), ("SOCKET_TIMEOUT", True), ("SOCKET_CONNECT_TIMEOUT", "5s"),
+    ("SOCKET_CONNECT_TIMEOUT", [1]),
+])
+def test_e004_a_socket_timeout_that_is_not_a_number_is_an_error(cache_alias, option, value):
+    """django-redis refuses a string (ImproperlyConfigured) and redis-py a negative or NaN
+    timeout (ValueError) when the first connection is made: at run time, not at startup."""
+    cache_alias(**redis_alias(**{option: value}))
+    messages = ragcache_messages()
+    assert ids(messages) == ["ragcache.E004"]
+    assert isinstance(messages[0], Error)
+    assert f"CACHES['ragcache']['OPTIONS'][{option!r}]" in messages[0].msg and repr(value) in messages[0].msg
+    assert "seconds" in messages[0].hint
+
+
+@pytest.mark.parametrize("option", ["SOCKET_TIMEOUT", "SOCKET_CONNECT_TIMEOUT"])
+def test_w003_a_zero_socket_timeout_is_still_only_a_warning(cache_alias, option):
+    """0 is "no timeout" to django-redis: a working but unsafe setting."""
+    cache_alias(**redis_alias(**{option: 0}))
+    assert ids(ragcache_messages()) == ["ragcache.W003"]
+
+
+@pytest.mark.parametrize("name", ["LOCK_TIMEOUT", "LOCK_WAIT", "BULK_SOCKET_TIMEOUT", "AGGREGATION_STALE_AFTER"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "5s"])
+def test_e004_a_number_setting_that_is_not_a_finite_number(settings, name, value):
+    """NaN and infinity passed the check and then crashed every get_or_call (int(nan * 1000))."""
+    settings.RAGCACHE = {**settings.RAGCACHE, name: value}
+    messages = check_settings()
+    assert "ragcache.E004" in ids(messages)
+    (error,) = [m for m in messages if m.id == "ragcache.E004"]
+    assert name in error.msg and repr(value) in error.msg
+
+
+@pytest.mark.parametrize("value", ["false", "False", 0, 1, None, "no"])
+def test_e006_step_log_queue_must_be_a_bool(settings, value):
+    """A string "false" is truthy: the queue would stay on while the settings say off."""
+    settings.RAGCACHE = {**settings.RAGCACHE, "STEP_LOG_QUEUE": value}
+    messages = check_settings()
+    assert ids(messages) == ["ragcache.E006"]
+    assert "STEP_LOG_QUEUE" in messages[0].msg and "True or False" in messages[0].msg
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_step_log_queue_as_a_bool_passes(settings, value):
+    settings.RAGCACHE = {**settings.RAGCACHE, "STEP_LOG_QUEUE": value}
+    assert ragcache_messages() == []
+
+
+def test_w007_a_lock_shorter_than_the_followers_wait(settings):
+    settings.RAGCACHE = {**settings.RAGCACHE, "LOCK_TIMEOUT": 5.0, "LOCK_WAIT": 30.0}
+    messages = ragcache_messages()
+    assert ids(messages) == ["ragcache.W007"]
+    warning = messages[0]
+    assert isinstance(warning, Warning)
+    assert "LOCK_TIMEOUT" in warning.msg and "LOCK_WAIT" in warning.msg and "5.0" in warning.msg
+    assert "30.0" in warning.msg and "LOCK_TIMEOUT" in warning.hint
+
+
+@pytest.mark.parametrize(("lock_timeout", "lock_wait"), [(60.0, 10.0), (10, 10), (30, 29.5)])
+def test_w007_not_raised_when_the_lock_outlives_the_wait(settings, lock_timeout, lock_wait):
+    settings.RAGCACHE = {**settings.RAGCACHE, "LOCK_TIMEOUT": lock_timeout, "LOCK_WAIT": lock_wait}
+    assert ragcache_messages() == []
+
+
+def test_w007_not_raised_on_top_of_a_bad_number(settings):
+    settings.RAGCACHE = {**settings.RAGCACHE, "LOCK_TIMEOUT": "5", "LOCK_WAIT": 30.0}
+    assert ids(check_settings()) == ["ragcache.E004"]
+
+
+SECRET = "sk-live-0123456789abcdef"
+
+
+@pytest.mark.parametrize("upstream", [
+    {"BASE_URL": "http://127.0.0.1:8080/v1"},
+    {"BASE_URL": "https://api.example/v1", "API_KEY": None},
+    {"BASE_URL": "https://api.example/v1", "API_KEY": ""},
+    {"BASE_URL": "https://api.example/v1", "API_KEY": "   "},
+])
+def test_w008_an_upstream_without_an_api_key_is_a_warning(settings, upstream):
+    """A local model server may need no key, so this is a warning, not an error."""
+    settings.RAGCACHE = {**settings.RAGCACHE, "UPSTREAM": upstream}
+    messages = ragcache_messages()
+    assert ids(messages) == ["ragcache.W008"]
+    assert isinstance(messages[0], Warning)
+    assert "API_KEY" in messages[0].msg and "SILENCED_SYSTEM_CHECKS" in messages[0].hint
+
+
+@pytest.mark.parametrize(("upstream", "says"), [
+    ({"BASE_URL": "https://api.example/v1", "API_KEY": 12345}, "API_KEY"),
+    ({"BASE_URL": "https://api.example/v1", "API_KEY": [SECRET]}, "API_KEY"),
+    ({"BASE_URL": "https://api.example/v1", "API_KEY": SECRET, "TIMEOUT": "60"}, "TIMEOUT"),
+    ({"BASE_URL": "https://api.example/v1", "API_KEY": SECRET, "TIMEOUT": float("nan")}, "TIMEOUT"),
+    ({"BASE_URL": "https://api.example/v1", "API_KEY": SECRET, "TIMEOUT": True}, "TIMEOUT"),
+    ({"BASE_URL": "ftp://api.example/v1", "API_KEY": SECRET}, "BASE_URL"),
+    ({"BASE_URL": "api.example/v1", "API_KEY": SECRET}, "BASE_URL"),
+    ({"BASE_URL": f"ftp://user:{SECRET}@api.example/v1", "API_KEY": SECRET}, "BASE_URL"),
+    ({"BASE_URL": f"ftp://{SECRET}@api.example/v1://x", "API_KEY": SECRET}, "BASE_URL"),
+    ({"BASE_URL": 8080, "API_KEY": SECRET}, "BASE_URL"),
+])
+def test_e010_wrong_types_in_the_upstream_are_errors_that_never_print_the_key(settings, upstream, says):
+    settings.RAGCACHE = {**settings.RAGCACHE, "UPSTREAM": upstream}
+    messages = ragcache_messages()
+    assert ids(messages) == ["ragcache.E010"]
+    assert says in messages[0].msg and "RAGCACHE['UPSTREAM']" in messages[0].hint
+    assert SECRET not in messages[0].msg + messages[0].hint
+
+
+def test_a_keyed_http_upstream_passes(settings):
+    settings.RAGCACHE = {**settings.RAGCACHE, "UPSTREAM": {"BASE_URL": "https://api.example/v1", "API_KEY": SECRET,
+                                                           "TIMEOUT": 30}}
+    assert ragcache_messages() == []

@@ -292,3 +292,35 @@ def test_unknown_models_are_reported_as_other(client, policy_factory, settings):
     assert value(samples, "ragcache_cost_avoided_total", policy=policy, model="other") == 0.5
     assert ("ragcache_tokens_avoided_total", frozenset({"policy": policy, "model": "some-new-model-2031"}.items())) \
         not in samples
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("remote_addr", "status"), [
+    ("10.0.0.1", 200), ("10.255.255.254", 200), ("11.0.0.1", 403), ("9.255.255.255", 403),
+    ("::1", 200), ("::2", 403),
+    ("192.168.7.77", 200), ("192.168.7.78", 403),
+    ("2001:db8:ffff::1", 200), ("2001:db9::1", 403),
+    ("::ffff:10.1.2.3", 200),  # a dual-stack server sees an IPv4 client as its IPv4-mapped address
+    ("::ffff:11.1.2.3", 403),
+    ("fe80::1%eth0", 403), ("", 403), ("not-an-ip", 403), ("10.0.0.1/8", 403),
+])
+def test_metrics_access_by_cidr_network(client, settings, remote_addr, status):
+    """METRICS_ALLOWED_IPS holds addresses and networks (RFC 4632 / RFC 4291 prefixes)."""
+    settings.RAGCACHE = {**settings.RAGCACHE, "METRICS_ALLOWED_IPS": [
+        "10.0.0.0/8", "::1/128", "192.168.7.77", "2001:db8::/32"]}
+    response = client.get("/metrics", REMOTE_ADDR=remote_addr)
+    assert response.status_code == status, remote_addr
+    if status == 403:
+        assert b"ragcache_" not in response.content
+    else:
+        assert b"ragcache_" in response.content
+
+
+@pytest.mark.django_db
+def test_metrics_access_skips_an_entry_that_is_no_address(client, settings):
+    """A bad entry (system check ragcache.E006) never makes a request fail: it matches nothing."""
+    settings.RAGCACHE = {**settings.RAGCACHE, "METRICS_ALLOWED_IPS": ["bogus", "10.0.0.0/33", "10.1.2.3"]}
+    assert client.get("/metrics", REMOTE_ADDR="10.1.2.3").status_code == 200
+    assert client.get("/metrics", REMOTE_ADDR="10.1.2.4").status_code == 403
+    settings.RAGCACHE = {**settings.RAGCACHE, "METRICS_ALLOWED_IPS": "10.1.2.30"}  # a string, not a list
+    assert client.get("/metrics", REMOTE_ADDR="10.1.2.3").status_code == 403  # no substring match
