@@ -157,3 +157,27 @@ def private_redis(tmp_path, settings):
     yield server
     server.stop()
     store.reset_clients()
+
+
+@pytest.fixture
+def broken_database():
+    """Point this process's database connection at nothing (a closed port, or a SQLite
+    file in a directory that does not exist); restore it afterwards."""
+    from django.db import connection
+
+    saved = dict(connection.settings_dict)
+
+    def breaks() -> None:
+        connection.close()
+        if connection.vendor == "sqlite":
+            connection.settings_dict["NAME"] = "/nonexistent-ragcache-dir/db.sqlite3"
+        else:
+            connection.settings_dict["PORT"] = str(free_port())  # nothing listens there
+
+    def restore() -> None:
+        connection.close()
+        connection.settings_dict.update(saved)
+
+    breaks.restore = restore
+    yield breaks
+    restore()

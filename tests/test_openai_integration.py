@@ -3,7 +3,6 @@ against the fake OpenAI upstream on a real socket (no transport mocks)."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 
 import openai
@@ -27,6 +26,8 @@ from ragcache.models import UsageRecord
 from ragcache.policies import registry
 from ragcache.services import cache_service
 
+from .gateway_helpers import wait_for
+
 MODEL = "demo-llm"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -48,15 +49,6 @@ def fresh_hit_rates():
 def question(label: str) -> list[dict]:
     return [{"role": "user", "content": f"{label} ({uuid.uuid4().hex[:12]})"}]
 
-
-def wait_for(condition, seconds: float = 5.0) -> bool:
-    """Poll until ``condition()`` holds (the bound only avoids a hang)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def stored_keys(redis_client, prefix) -> list[bytes]:

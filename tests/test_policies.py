@@ -20,8 +20,6 @@ from ragcache.models import CacheFlags, CachePolicy
 from ragcache.policies import registry
 from ragcache.services import cache_service
 
-from .conftest import free_port
-
 MODEL = "m"
 
 
@@ -314,27 +312,6 @@ def test_trust_9_a_store_is_true_only_for_an_entry_that_exists(policy_factory, r
 
 
 # --- Trust, item 14: a database outage -------------------------------------------------------------
-
-@pytest.fixture
-def broken_database():
-    """Point this process's database connection at nothing (a closed port, or a SQLite
-    file in a directory that does not exist); restore it afterwards."""
-    saved = dict(connection.settings_dict)
-
-    def breaks() -> None:
-        connection.close()
-        if connection.vendor == "sqlite":
-            connection.settings_dict["NAME"] = "/nonexistent-ragcache-dir/db.sqlite3"
-        else:
-            connection.settings_dict["PORT"] = str(free_port())  # nothing listens there
-
-    def restore() -> None:
-        connection.close()
-        connection.settings_dict.update(saved)
-
-    breaks.restore = restore
-    yield breaks
-    restore()
 
 
 def test_trust_14_a_database_outage_serves_hits_from_the_last_snapshot(

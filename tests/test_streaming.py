@@ -30,6 +30,8 @@ from ragcache.plans import make_request
 from ragcache.policies import registry
 from ragcache.services import cache_service
 
+from .gateway_helpers import wait_for
+
 MODEL = "demo-llm"
 
 
@@ -77,15 +79,6 @@ def results(redis_client, prefix) -> list[tuple[str, str]]:
 def lock_of(stream) -> str:
     return stream.key.replace(":e:", ":l:", 1)
 
-
-def wait_for(condition, seconds: float = 5.0) -> bool:
-    """Poll until ``condition()`` holds (an event, not a timing: the bound only avoids a hang)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # --- faithful replay -------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from ragcache.models import ModelPrice, UsageRecord
 from ragcache.tasks import aggregate_usage
 from ragcache.usage import event_header
 
-from .conftest import REDIS_URL, free_port
+from .conftest import REDIS_URL
 from .test_aggregation import (
     COUNTS,
     assert_report_equals,
@@ -344,26 +344,6 @@ def test_concurrent_aggregations_without_the_lock_still_count_once(priced, redis
     print(f"\nno-lock race: {n} events, {len(results)} runs, {sum(r.duplicates for r in results)} duplicates "
           f"skipped, {len(errors)} retried database errors {sorted(set(errors))}")
 
-
-@pytest.fixture
-def broken_database():
-    """Point this process's database connection at nothing; restore it afterwards."""
-    saved = dict(connection.settings_dict)
-
-    def breaks() -> None:
-        connection.close()
-        if connection.vendor == "sqlite":
-            connection.settings_dict["NAME"] = "/nonexistent-ragcache-dir/db.sqlite3"
-        else:
-            connection.settings_dict["PORT"] = str(free_port())  # nothing listens there
-
-    def restore() -> None:
-        connection.close()
-        connection.settings_dict.update(saved)
-
-    breaks.restore = restore
-    yield breaks
-    restore()
 
 
 def test_database_outage_makes_the_task_retry_and_keeps_events_pending(priced, redis_client, broken_database):

@@ -182,19 +182,24 @@ async def _check_status(response: httpx.Response, upstream: Upstream) -> None:
     raise UpstreamStatus(status, _openai_error_body(content, status, upstream), headers)
 
 
+async def _send(client: httpx.AsyncClient, upstream: Upstream, body: bytes, *, stream: bool) -> httpx.Response:
+    """POST ``body`` upstream; the response with its body still unread (the caller closes it)."""
+    request = client.build_request("POST", upstream.url, content=body, headers=upstream.headers(stream=stream),
+                                   timeout=upstream.timeout)
+    try:
+        return await client.send(request, stream=True)
+    except httpx.TimeoutException as exc:
+        raise _timeout(exc) from None
+    except httpx.HTTPError as exc:
+        raise _unreachable(exc) from None
+
+
 # --- JSON ------------------------------------------------------------------------------------------
 
 async def complete(client: httpx.AsyncClient, upstream: Upstream, body: bytes) -> dict[str, Any]:
     """POST ``body`` (a JSON request with ``stream`` false or absent); the parsed answer.
     Raises ``UpstreamStatus`` or ``GatewayError`` (502, 504)."""
-    request = client.build_request("POST", upstream.url, content=body, headers=upstream.headers(stream=False),
-                                   timeout=upstream.timeout)
-    try:
-        response = await client.send(request, stream=True)
-    except httpx.TimeoutException as exc:
-        raise _timeout(exc) from None
-    except httpx.HTTPError as exc:
-        raise _unreachable(exc) from None
+    response = await _send(client, upstream, body, stream=False)
     try:
         await _check_status(response, upstream)
         limit = int(get_config()["GATEWAY_MAX_RESPONSE_BYTES"])
@@ -300,14 +305,7 @@ async def open_stream(client: httpx.AsyncClient, upstream: Upstream, body: bytes
     """POST ``body`` (a JSON request with ``stream: true``) and wait for the first event, so
     that a failure before any chunk is still an HTTP status. Raises ``UpstreamStatus`` or
     ``GatewayError`` (502, 504)."""
-    request = client.build_request("POST", upstream.url, content=body, headers=upstream.headers(stream=True),
-                                   timeout=upstream.timeout)
-    try:
-        response = await client.send(request, stream=True)
-    except httpx.TimeoutException as exc:
-        raise _timeout(exc) from None
-    except httpx.HTTPError as exc:
-        raise _unreachable(exc) from None
+    response = await _send(client, upstream, body, stream=True)
     events = None
     try:
         await _check_status(response, upstream)

@@ -145,6 +145,20 @@ def _upstream_status(error: upstream.UpstreamStatus) -> HttpResponse:
     return response
 
 
+# What a cached call can raise before any byte of the answer is sent: each is a response.
+CALL_FAILURES = (upstream.UpstreamStatus, GatewayError, InvalidRequestError)
+
+
+def _failure_response(exc: Exception, client: GatewayClient) -> HttpResponse:
+    if isinstance(exc, upstream.UpstreamStatus):
+        return _upstream_status(exc)
+    if isinstance(exc, GatewayError):
+        return error_response(exc)
+    if isinstance(exc, ScopeRequiredError):
+        return error_response(_scope_required(exc, client))
+    return error_response(GatewayError(400, str(exc)[:500], code="invalid_request"))
+
+
 def _log(client: GatewayClient, outcome: str, reason: str, key_id: str, stream: bool) -> None:
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("ragcache gateway: key=%s outcome=%s reason=%s cache_key=%s stream=%s", client.name, outcome,
@@ -158,14 +172,8 @@ async def _complete(chat: ChatRequest, client: GatewayClient, controls: Controls
 
     try:
         result = await cache_service.aget_or_call(chat.messages, call, **_service_kwargs(chat, client, controls))
-    except upstream.UpstreamStatus as error:
-        return _upstream_status(error)
-    except GatewayError as error:
-        return error_response(error)
-    except ScopeRequiredError as exc:
-        return error_response(_scope_required(exc, client))
-    except InvalidRequestError as exc:
-        return error_response(GatewayError(400, str(exc)[:500], code="invalid_request"))
+    except CALL_FAILURES as exc:
+        return _failure_response(exc, client)
     _log(client, result.outcome, result.reason, result.key_id, False)
     response = HttpResponse(orjson.dumps(result.response), content_type="application/json")
     for name, value in cache_headers(result.outcome, result.reason, result.policy, result.key_id, result.cached,
@@ -182,14 +190,8 @@ async def _stream(chat: ChatRequest, client: GatewayClient, controls: Controls, 
     try:
         stream = cache_service.aget_or_stream(chat.messages, call, **_service_kwargs(chat, client, controls))
         await stream  # the lookup, and on a miss the upstream's first chunk
-    except upstream.UpstreamStatus as error:
-        return _upstream_status(error)
-    except GatewayError as error:
-        return error_response(error)
-    except ScopeRequiredError as exc:
-        return error_response(_scope_required(exc, client))
-    except InvalidRequestError as exc:
-        return error_response(GatewayError(400, str(exc)[:500], code="invalid_request"))
+    except CALL_FAILURES as exc:
+        return _failure_response(exc, client)
     _log(client, stream.outcome, stream.reason, stream.key_id, True)
     headers = cache_headers(stream.outcome, stream.reason, stream.policy, stream.key_id, stream.cached, snapshot,
                             chat.model)
