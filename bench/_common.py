@@ -27,6 +27,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+# The question and answer every hot-path case uses (bench/hotpath.py, bench/async_hits.py).
+MODEL = "gpt-4o-mini"
+QUESTION = "How do I rotate the API keys of a production service without downtime? Keep it short."
+STORE_QUESTION = "Which settings decide how long an answer stays in the cache?"
 # The Redis of scripts that use an existing server (bench/aggregation.py); the hot-path
 # bench starts a private one instead.
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
@@ -338,3 +342,15 @@ def git_head() -> str:
 
 def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
+
+
+def make_answer(size: int = 2000) -> dict:
+    """An OpenAI-style response whose content is ``size`` characters (~2.2 KB stored)."""
+    sentence = "Rotate keys by issuing a new one, deploying it alongside the old, then revoking the old. "
+    content = (sentence * (size // len(sentence) + 1))[:size]
+    return {
+        "id": "chatcmpl-bench",
+        "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 42, "completion_tokens": 420},
+    }

@@ -35,24 +35,14 @@ import time
 import warnings
 from pathlib import Path
 
-MODEL = "gpt-4o-mini"
-QUESTION = "How do I rotate the API keys of a production service without downtime? Keep it short."
-STORE_QUESTION = "Which settings decide how long an answer stays in the cache?"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import MODEL, QUESTION, STORE_QUESTION, make_answer  # noqa: E402
+
 CASES = ("raw redis.asyncio GET", "aget_cached_response (hit)", "aget_cached_response (hit, step log at WARNING)",
          "aget_or_call (hit)", "raw redis.asyncio SET EX", "acache_response")
 WARNING_CASES = {"aget_cached_response (hit, step log at WARNING)"}
 
-
-def make_answer(size: int = 2000) -> dict:
-    """An OpenAI-style response whose content is ``size`` characters (~2.2 KB stored)."""
-    sentence = "Rotate keys by issuing a new one, deploying it alongside the old, then revoking the old. "
-    content = (sentence * (size // len(sentence) + 1))[:size]
-    return {
-        "id": "chatcmpl-bench",
-        "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 42, "completion_tokens": 420},
-    }
 
 
 def _never_called():

@@ -44,10 +44,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _common  # noqa: E402
+from bench._common import MODEL, QUESTION, STORE_QUESTION, make_answer  # noqa: E402
 
-MODEL = "gpt-4o-mini"
-QUESTION = "How do I rotate the API keys of a production service without downtime? Keep it short."
-STORE_QUESTION = "Which settings decide how long an answer stays in the cache?"
 STEPS_LOGGER = "ragcache.steps"
 DEFAULT_GROUPS = ("sync", "async", "remote", "http")
 ALL_GROUPS = (*DEFAULT_GROUPS, "profile", "callgrind")
@@ -55,17 +53,6 @@ V01 = "57fed38"  # ragcache 0.1 (the issue's "today" figures)
 # The issue's 0.1 figures (quiet machine, client and server on different CPUs).
 ISSUE_01 = {"aget_cached_response_per_s": 2552, "raw_asyncio_get_per_s": 13449, "ratio": 0.19}
 
-
-def make_answer(size: int = 2000) -> dict:
-    """An OpenAI-style response whose content is ``size`` characters (~2.2 KB stored)."""
-    sentence = "Rotate keys by issuing a new one, deploying it alongside the old, then revoking the old. "
-    content = (sentence * (size // len(sentence) + 1))[:size]
-    return {
-        "id": "chatcmpl-bench",
-        "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 42, "completion_tokens": 420},
-    }
 
 
 def _llm_on_miss():
