@@ -14,6 +14,7 @@ from django.utils.html import format_html
 from . import admin_policy, admin_report, store
 from .admin_report import ReasonFilter
 from .models import CacheControl, CacheFlags, CachePolicy, GatewayKey, ModelPrice, UsageRecord, UsageRollup
+from .reports import shown_cost
 
 
 class _BoundedJSONDecoder(json.JSONDecoder):
@@ -232,7 +233,14 @@ class GatewayKeyAdmin(admin.ModelAdmin):
 
 class ReadOnlyAdmin(admin.ModelAdmin):
     """Usage records and rollups are written by the aggregation only: never added, edited
-    or deleted here (without delete permission Django offers no "Delete selected")."""
+    or deleted here (without delete permission Django offers no "Delete selected").
+
+    Their cost avoided is shown with the usage report's 8 decimals (``<0.00000001`` for
+    less, never 0); bare, in the model's price currency, so that the lists fit 1,400 px."""
+
+    @admin.display(description="cost avoided", ordering="cost_avoided")
+    def cost(self, obj) -> str:
+        return shown_cost(obj.cost_avoided)
 
     def has_add_permission(self, request) -> bool:
         return False
@@ -262,10 +270,6 @@ class UsageRecordAdmin(ReadOnlyAdmin):
     def key(self, obj: UsageRecord) -> str:
         return obj.key_hash or "-"  # the short key id, as in logs and the X-Ragcache-Key header
 
-    @admin.display(description="cost avoided", ordering="cost_avoided")
-    def cost(self, obj: UsageRecord) -> str:
-        return f"{obj.cost_avoided:.6f}"
-
     @admin.display(description="latency avoided (s)", ordering="latency_avoided_ms")
     def latency_avoided_s(self, obj: UsageRecord) -> str:
         return f"{obj.latency_avoided_ms / 1000:.3f}"
@@ -285,10 +289,6 @@ class UsageRollupAdmin(ReadOnlyAdmin):
         if obj.granularity == UsageRollup.Granularity.DAY:
             return f"{start:%Y-%m-%d} (day)"
         return f"{start:%Y-%m-%d %H:%M}"
-
-    @admin.display(description="cost avoided", ordering="cost_avoided")
-    def cost(self, obj: UsageRollup) -> str:
-        return f"{obj.cost_avoided:.6f}"
 
     @admin.display(description="hit rate")
     def hit_rate_display(self, obj: UsageRollup) -> str:

@@ -1,10 +1,12 @@
 """The admin's usage report (24 h and 7 days, the figures of ``manage.py ragcache_report``
 with a server-drawn chart), its "Aggregate now" button, and the usage records' filters.
 
-Costs carry the currency of the model's ``ModelPrice``; a model without a price has its
-cost avoided shown bare and named under the table (its hits are worth 0 until it has one,
-unless the stored answers carried their own cost). Latency avoided is in seconds, as in
-the CLI.
+Costs carry the currency of the model's ``ModelPrice``, with 8 decimals (an amount too
+small for them reads ``<0.00000001``, never 0); a model without a price has its cost
+avoided shown bare and named under the table (its hits are worth 0 until it has one,
+unless the stored answers carried their own cost). Amounts in different currencies are
+never added: the total lists one amount per currency, and the chart then draws no cost
+line. Latency avoided is in seconds, as in the CLI.
 """
 from __future__ import annotations
 
@@ -20,49 +22,56 @@ from django.urls import reverse
 from . import store
 from .admin_policy import plural
 from .conf import get_config
-from .models import ModelPrice, UsageRecord
-from .reports import build_report, chart
+from .models import UsageRecord
+from .reports import NO_CURRENCY, SHOWN_PLACES, build_report, chart, model_currencies, shown_cost
 
 # One click aggregates at most this many events, so the request stays short; the beat
 # task (or another click) takes the rest.
 AGGREGATE_NOW_MAX_EVENTS = 50_000
-MIXED = "mixed"
 
 
-def _money(amount: Decimal | str, currency: str) -> str:
-    text = str(Decimal(amount).quantize(Decimal("0.000001")))
-    return f"{text} {currency}" if currency and currency != MIXED else text
+def axis_cost(amount: Decimal) -> str:
+    """The chart's cost axis label: two significant digits, at most 8 decimals
+    (``0.024``, ``0.00000040``, ``12.50``)."""
+    if amount >= 1:
+        return f"{amount:.2f}"
+    if not amount:
+        return "0"
+    rounded = amount.quantize(Decimal(1).scaleb(-min(SHOWN_PLACES, max(2, 1 - amount.adjusted()))))
+    return f"{rounded:f}" if rounded else shown_cost(amount)  # "<0.00000001"
 
 
-def _rows(report, currencies: dict[str, str]) -> tuple[list[dict], dict, set[str]]:
-    rows, used, unpriced = [], set(), set()
+def _rows(report) -> tuple[list[dict], dict, set[str]]:
+    rows, unpriced = [], set()
     for row in report.rows:
-        currency = currencies.get(row.model, "")
-        if currency:
-            used.add(currency)
-        elif row.hits:
+        if row.currency == NO_CURRENCY and row.hits:
             unpriced.add(row.model or "(no model)")
-        rows.append(dict(row.as_dict(), hit_rate_pct=f"{row.hit_rate:.1%}", cost=_money(row.cost_avoided, currency),
+        rows.append(dict(row.as_dict(), hit_rate_pct=f"{row.hit_rate:.1%}",
+                         cost=shown_cost(row.cost_avoided, row.currency),
                          latency_avoided_s=f"{row.latency_avoided_ms / 1000:.1f}"))
-    total_currency = used.pop() if len(used) == 1 else (MIXED if used else "")
     totals = report.totals
-    total = dict(totals.as_dict(), hit_rate_pct=f"{totals.hit_rate:.1%}",
-                 cost=_money(totals.cost_avoided, total_currency) + (" (mixed currencies)" if used else ""),
-                 latency_avoided_s=f"{totals.latency_avoided_ms / 1000:.1f}")
-    return rows, {**total, "currency": total_currency}, unpriced
+    # One amount per currency, never their sum; "" (models without a price) last.
+    costs = [shown_cost(amount, currency) if currency != NO_CURRENCY else f"{shown_cost(amount)} (no price)"
+             for currency, amount in report.costs.items()] if report.mixed_currencies \
+        else [shown_cost(totals.cost_avoided, totals.currency)]
+    total = dict(totals.as_dict(), hit_rate_pct=f"{totals.hit_rate:.1%}", costs=costs,
+                 latency_avoided_s=f"{totals.latency_avoided_ms / 1000:.1f}", mixed=report.mixed_currencies,
+                 currencies=", ".join(currency or "no price" for currency in report.costs))
+    return rows, total, unpriced
 
 
 def report_view(model_admin, request):
     """Last 24 h and 7 days per policy and model, with a server-drawn chart."""
     if not model_admin.has_view_permission(request):
         raise PermissionDenied
-    currencies = dict(ModelPrice.objects.values_list("model", "currency"))
+    currencies = model_currencies()
     sections = []
     for label, hours in (("Last 24 hours", 24), ("Last 7 days", 7 * 24)):
-        report = build_report(hours=hours)
-        rows, totals, unpriced = _rows(report, currencies)
+        report = build_report(hours=hours, currencies=currencies)
+        rows, totals, unpriced = _rows(report)
+        drawn = chart(report.series, report.step, draw_cost=not report.mixed_currencies)
         sections.append({"label": label, "report": report, "rows": rows, "totals": totals,
-                         "unpriced": sorted(unpriced), "chart": chart(report.series, report.step)})
+                         "unpriced": sorted(unpriced), "chart": drawn, "max_cost": axis_cost(drawn.max_cost)})
     try:
         backlog, last = store.backlog(), store.last_aggregation()
     except store.RedisUnavailable:

@@ -55,9 +55,9 @@ def test_report_page_shows_both_windows_chart_and_backlog(client, rollups):
     total_week = re.search(r'<tr class="total">(.*?)</tr>', week, re.S).group(1)
     cells = lambda row: re.findall(r"<td[^>]*>([^<]*)</td>", row)  # noqa: E731
     assert cells(total_day)[2:6] == ["40", "30", "10", "75.0%"]
-    assert cells(total_day)[12] == "1.875000"  # after the stale sources column
+    assert cells(total_day)[12] == "1.87500000"  # after the stale sources column; 8 places, as prices
     assert cells(total_week)[2:6] == ["50", "31", "19", "62.0%"]
-    assert cells(total_week)[12] == "2.000000"
+    assert cells(total_week)[12] == "2.00000000"
     for part in (day, week):
         svg = re.search(r"<svg .*?</svg>", part, re.S).group(0)
         assert 'class="hit-rate"' in svg and 'class="cost-avoided"' in svg
@@ -85,7 +85,7 @@ def test_report_page_survives_redis_being_down(client, rollups, settings):
     assert response.status_code == 200
     html = response.content.decode()
     assert "Usage backlog: <strong>unavailable</strong>" in html
-    assert "1.875000" in html  # the database figures are still there
+    assert "1.87500000" in html  # the database figures are still there
 
 
 def test_only_staff_with_view_permission_on_rollups(client, db):
@@ -148,15 +148,16 @@ def test_report_costs_carry_the_currency_and_name_unpriced_models(client, rollup
     day = section(html, "Last 24 hours")
     rows = {cells[1]: cells for cells in (re.findall(r"<td[^>]*>([^<]*)</td>", row)
                                           for row in re.findall(r"<tr>(.*?)</tr>", day, re.S)) if cells}
-    assert rows["gpt-4o-mini"][12] == "1.875000 EUR"
-    assert rows["local-llm"][12] == "0.000000"
+    assert rows["gpt-4o-mini"][12] == "1.87500000 EUR"
+    assert rows["local-llm"][12] == "0.00000000"
     assert rows["local-llm"][13] == "12.3"  # seconds, as ragcache_report prints them
     assert "Latency avoided (s)" in day
     assert "No price for local-llm" in day and reverse("admin:ragcache_modelprice_add") in day
     ModelPrice.objects.create(model="local-llm", input_per_1k="0", output_per_1k="0", currency="USD")
     day = section(client.get(REPORT_URL).content.decode(), "Last 24 hours")
-    total = re.findall(r"<td[^>]*>([^<]*)</td>", re.search(r'<tr class="total">(.*?)</tr>', day, re.S).group(1))
-    assert total[12] == "1.875000 (mixed currencies)"
+    total = re.search(r'<tr class="total">(.*?)</tr>', day, re.S).group(1)
+    assert re.search(r'class="num cost-total">([^/]*)</td>', total).group(1) == "1.87500000 EUR<br>0.00000000 USD"
+    assert "Costs are in several currencies (EUR, USD)" in day
 
 
 def test_aggregate_now_button(client, policy_factory):
@@ -205,3 +206,52 @@ def test_usage_records_show_seconds_the_short_key_and_only_occurring_reasons(cli
     filtered = client.get("/admin/ragcache/usagerecord/", {"reason": "kill_switch"})
     assert filtered.context["cl"].result_count == 1
     assert client.get("/admin/ragcache/usagerecord/", {"reason": "-"}).context["cl"].result_count == 1
+
+
+def test_report_page_never_adds_costs_in_different_currencies(client, db):
+    """The total read "3.500000 (mixed currencies)": EUR 1.5 plus USD 2 as one number."""
+    ModelPrice.objects.create(model="eu", input_per_1k="0.001", output_per_1k="0.002", currency="EUR")
+    ModelPrice.objects.create(model="us", input_per_1k="0.001", output_per_1k="0.002", currency="USD")
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    for model, cost in (("eu", "1.5"), ("us", "2"), ("tiny", "0.0000004")):
+        UsageRollup.objects.create(period_start=hour, granularity="hour", policy="p", model=model, lookups=2, hits=1,
+                                   misses=1, cost_avoided=Decimal(cost))
+    client.force_login(staff("viewer", "view_usagerollup"))
+    day = section(client.get(REPORT_URL).content.decode(), "Last 24 hours")
+    total = re.search(r'<tr class="total">(.*?)</tr>', day, re.S).group(1)
+    assert re.search(r'class="num cost-total">([^/]*)</td>', total).group(1) == \
+        "1.50000000 EUR<br>2.00000000 USD<br>0.00000040 (no price)"
+    assert "3.50000" not in day  # the sum (SVG coordinates may contain "3.5")
+    assert "Costs are in several currencies (EUR, USD, no price)" in day
+    svg = re.search(r"<svg .*?</svg>", day, re.S).group(0)
+    assert 'class="hit-rate"' in svg and 'class="cost-avoided"' not in svg and 'class="cost-dot"' not in svg
+    assert "cost avoided: not drawn (several currencies)" in day
+    rows = {cells[1]: cells for cells in (re.findall(r"<td[^>]*>([^<]*)</td>", row)
+                                          for row in re.findall(r"<tr>(.*?)</tr>", day, re.S)) if cells}
+    assert rows["tiny"][12] == "0.00000040"  # was 0.000000: a saving shown as none
+
+
+def test_report_chart_cost_axis_keeps_small_amounts(client, db):
+    ModelPrice.objects.create(model="m", input_per_1k="0.00015", output_per_1k="0.0006", currency="EUR")
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    UsageRollup.objects.create(period_start=hour, granularity="hour", policy="p", model="m", lookups=1, hits=1,
+                               cost_avoided=Decimal("0.0000004"))
+    client.force_login(staff("viewer", "view_usagerollup"))
+    svg = re.search(r"<svg .*?</svg>", section(client.get(REPORT_URL).content.decode(), "Last 24 hours"), re.S)
+    labels = re.findall(r"<text [^>]*>([^<]*)</text>", svg.group(0))
+    assert "0.00000040" in labels and "EUR" in labels and "0.0000" not in labels  # floatformat:4 drew 0.0000
+
+
+def test_usage_lists_show_small_costs(client, db):
+    ModelPrice.objects.create(model="m", input_per_1k="0.00015", output_per_1k="0.0006", currency="EUR")
+    UsageRecord.objects.create(event_id="1-0", ts=timezone.now(), policy="faq", result="hit", model="m",
+                               cost_avoided=Decimal("0.000000000150"))
+    UsageRecord.objects.create(event_id="1-1", ts=timezone.now(), policy="faq", result="hit", model="other",
+                               cost_avoided=Decimal("0.25"))
+    UsageRollup.objects.create(period_start=timezone.now().replace(minute=0, second=0, microsecond=0),
+                               granularity="hour", policy="faq", model="m", lookups=1, hits=1,
+                               cost_avoided=Decimal("0.00000015"))
+    client.force_login(User.objects.create_superuser("root", password="x"))
+    records = client.get("/admin/ragcache/usagerecord/").content.decode()
+    assert "&lt;0.00000001<" in records and "0.25000000<" in records  # was 0.000000 and 0.250000
+    assert "0.00000015<" in client.get("/admin/ragcache/usagerollup/").content.decode()

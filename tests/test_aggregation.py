@@ -174,14 +174,14 @@ def assert_report_equals(report: dict, expected: dict) -> None:
         row = rows[key]
         for name in COUNTS:
             assert row[name] == tally[name] and type(row[name]) is int, (key, name)
-        assert row["cost_avoided"] == str(tally["cost_avoided"].quantize(Decimal("0.000001"))), key
+        assert Decimal(row["cost_avoided"]) == tally["cost_avoided"], key  # exact, not rounded
         lookups = tally["lookups"]
         assert row["hit_rate"] == round(tally["hits"] / lookups if lookups else 0.0, 4)
     totals = report["totals"]
     for name in COUNTS:
         assert totals[name] == sum(t[name] for t in expected.values()), name
     total_cost = sum((t["cost_avoided"] for t in expected.values()), Decimal(0))
-    assert totals["cost_avoided"] == str(total_cost.quantize(Decimal("0.000001")))
+    assert Decimal(totals["cost_avoided"]) == total_cost
 
 
 # --- tests --------------------------------------------------------------------------------------
@@ -408,7 +408,7 @@ def test_trust_17_tiny_costs_are_summed_before_rounding(policy_factory, settings
     assert set(UsageRecord.objects.filter(result="hit").values_list("cost_avoided", flat=True)) == {
         Decimal("0.0000014")}
     report = report_json("--policy", "tiny")
-    assert report["totals"]["cost_avoided"] == report["rows"][0]["cost_avoided"] == "0.001400"
+    assert report["totals"]["cost_avoided"] == report["rows"][0]["cost_avoided"] == "0.001400000000"
     # The counter is a float: it agrees to the rollup's 12 decimal places.
     assert Decimal(repr(metric)).quantize(Decimal("1e-12")) == hour.cost_avoided
     assert f"{metric:.6f}" == "0.001400"

@@ -62,7 +62,7 @@ def test_report_groups_per_policy_and_model_with_totals_and_series():
     totals = report.totals
     assert (totals.lookups, totals.hits, totals.misses, totals.stores) == (17, 9, 6, 6)
     assert totals.cost_avoided == Decimal("0.300001")
-    assert totals.as_dict()["cost_avoided"] == "0.300001"
+    assert totals.as_dict()["cost_avoided"] == "0.300001000000"  # exact: the tables' 12 places
 
     assert report.step == "hour" and len(report.series) == 24
     assert report.series[0].start == datetime(2025, 3, 9, 15, tzinfo=UTC)
@@ -140,9 +140,10 @@ def test_json_format_is_exact_and_machine_readable():
     assert row == {
         "policy": "default", "model": "gpt", "lookups": 4, "hits": 2, "misses": 2, "shadow_hits": 0,
         "stale_sources": 0, "stores": 0, "refusals": 0, "bypasses": 0, "unknown_usage_hits": 0, "tokens_avoided": 20,
-        "hit_rate": 0.5, "cost_avoided": "0.200000", "latency_avoided_ms": 0.0,
+        "hit_rate": 0.5, "cost_avoided": "0.200000000000", "currency": "", "latency_avoided_ms": 0.0,
     }
-    assert data["totals"]["cost_avoided"] == "0.200000" and data["totals"]["policy"] == "TOTAL"
+    assert data["totals"]["cost_avoided"] == "0.200000000000" and data["totals"]["policy"] == "TOTAL"
+    assert data["totals"]["cost_avoided_by_currency"] == {"": "0.200000000000"}
     assert len(data["series"]) == 48 and all(isinstance(p["cost_avoided"], str) for p in data["series"])
 
 
@@ -160,7 +161,7 @@ def test_table_format_is_aligned():
     assert first.split()[:6] == ["a-much-longer-policy-name", "m", "7", "0", "7", "0.0%"]
     assert second.split()[:6] == ["default", "gpt", "12346", "12345", "1", "100.0%"]
     assert total.split()[:5] == ["TOTAL", "12353", "12345", "8", "99.9%"]
-    assert "12.500000" in second and "9876543" in second
+    assert "12.50000000" in second and "9876543" in second
     # Right-aligned figures: the lookups column ends at the same offset on every line.
     end = header.index("lookups") + len("lookups")
     assert first[end - 1] == "7" and second[end - 5:end] == "12346"
@@ -181,4 +182,81 @@ def test_rows_of_several_gateway_keys_add_up_in_their_policy_and_model():
     assert (row.policy, row.model, row.hits, row.misses, row.stale_sources, row.unknown_usage_hits) == (
         "default", "gpt", 5, 5, 3, 1)
     assert row.cost_avoided == Decimal("0.000000000003")  # exact before display
-    assert row.as_dict()["cost_avoided"] == "0.000000"
+    assert row.as_dict()["cost_avoided"] == "0.000000000003"
+
+
+@pytest.fixture
+def three_currencies(db):
+    """EUR and USD models, and one without a price whose answers carried their own cost."""
+    from ragcache.models import ModelPrice
+
+    ModelPrice.objects.create(model="eu", input_per_1k="0.001", output_per_1k="0.002", currency="EUR")
+    ModelPrice.objects.create(model="us", input_per_1k="0.001", output_per_1k="0.002", currency="usd")
+    current = timezone.now().replace(minute=0, second=0, microsecond=0)
+    rollup(current, model="eu", hits=1, misses=1, cost_avoided=Decimal("1.5"))
+    rollup(current - timedelta(hours=1), model="eu", hits=1, cost_avoided=Decimal("0.25"))
+    rollup(current, model="us", hits=1, misses=1, cost_avoided=Decimal("2"))
+    rollup(current, model="tiny", hits=1, cost_avoided=Decimal("0.000000400000"))
+
+
+def test_costs_in_several_currencies_are_never_added(three_currencies):
+    """EUR 1.75 and USD 2 were reported as one total of 3.75 (plus the unpriced model's)."""
+    report = build_report(24)
+    assert {row.model: row.currency for row in report.rows} == {"eu": "EUR", "tiny": "", "us": "USD"}
+    assert report.mixed_currencies
+    assert report.costs == {"EUR": Decimal("1.75"), "USD": Decimal("2"), "": Decimal("0.0000004")}
+    data = report.as_dict()
+    assert data["totals"]["cost_avoided"] is None and data["totals"]["currency"] is None
+    assert data["totals"]["cost_avoided_by_currency"] == {
+        "EUR": "1.750000000000", "USD": "2.000000000000", "": "0.000000400000"}
+    now = [point for point in data["series"] if point["lookups"] == 5]
+    assert now[0]["cost_avoided"] is None
+    assert now[0]["cost_avoided_by_currency"] == {"": "0.000000400000", "EUR": "1.500000000000",
+                                                  "USD": "2.000000000000"}
+    with pytest.raises(ValueError, match="several currencies"):
+        report.series[-1].cost_avoided  # noqa: B018 - the property must refuse to add them
+    drawn = chart(report.series, report.step, draw_cost=False)
+    assert not drawn.cost_drawn and drawn.max_cost == 0 and drawn.hit_rate_points
+
+    table = run()
+    total = next(line for line in table.splitlines() if line.startswith("TOTAL"))
+    assert "several currencies" in total and "3.75" not in table
+    assert table.splitlines()[-1] == ("Cost avoided per currency (never added together): 1.75000000 EUR, "
+                                      "2.00000000 USD, 0.00000040 without a model price.")
+    rows = {line.split()[1]: line for line in table.splitlines() if line.startswith("default ")}
+    assert "1.75000000 EUR" in rows["eu"] and "2.00000000 USD" in rows["us"] and "0.00000040" in rows["tiny"]
+    assert json.loads(run("--format", "json"))["totals"]["cost_avoided"] is None
+
+
+@pytest.mark.django_db
+def test_one_currency_keeps_one_total_and_small_savings_show():
+    from ragcache.models import ModelPrice
+
+    ModelPrice.objects.create(model="gpt", input_per_1k="0.00015", output_per_1k="0.0006", currency="EUR")
+    ModelPrice.objects.create(model="free", input_per_1k="0", output_per_1k="0", currency="USD")
+    current = timezone.now().replace(minute=0, second=0, microsecond=0)
+    rollup(current, hits=1, cost_avoided=Decimal("0.000000000003"))  # 3e-12: below 8 places, not zero
+    rollup(current, model="unpriced", misses=2)  # no price and no cost: not a currency of its own
+    report = build_report(24)
+    assert not report.mixed_currencies and report.costs == {"EUR": Decimal("0.000000000003")}
+    assert report.as_dict()["totals"]["cost_avoided"] == "0.000000000003"
+    assert report.as_dict()["totals"]["currency"] == "EUR"
+    table = run()
+    assert "<0.00000001 EUR" in next(line for line in table.splitlines() if line.startswith("TOTAL"))
+    assert "0.00000000 EUR" not in table and "per currency" not in table
+    # An unpriced model's answers carried their own cost: in the one price currency (the
+    # documented contract), so still one total.
+    rollup(current, model="own-cost", hits=1, cost_avoided=Decimal("0.5"))
+    report = build_report(24)
+    assert not report.mixed_currencies and report.costs == {"EUR": Decimal("0.500000000003")}
+
+
+def test_shown_cost_has_a_fixed_precision_and_never_shows_a_saving_as_zero():
+    from ragcache.reports import SHOWN_PLACES, exact_cost, shown_cost
+
+    assert SHOWN_PLACES == 8  # ModelPrice's decimal places
+    assert shown_cost(Decimal("1.875"), "EUR") == "1.87500000 EUR"
+    assert shown_cost(Decimal("0.00000004")) == "0.00000004"
+    assert shown_cost(Decimal("0.000000004"), "USD") == "<0.00000001 USD"
+    assert shown_cost(Decimal(0)) == "0.00000000"
+    assert exact_cost(Decimal("0.000000000001")) == "0.000000000001"

@@ -5,7 +5,12 @@
 Reads only the database (run ``ragcache_aggregate`` first for up-to-the-minute figures).
 ``--policy`` must name a current policy or one that has rollups; any other name is a
 ``CommandError`` listing the known names, so a typo is never mistaken for "no traffic".
-JSON output keeps counts as integers and costs as decimal strings (exact).
+JSON output keeps counts as integers and costs as decimal strings (exact, 12 places).
+
+Costs are in each model's ``ModelPrice`` currency, shown with 8 decimals (a non-zero amount
+below that reads ``<0.00000001``). Amounts in different currencies are never added: with
+several, the TOTAL row says so and a line under the table gives the total per currency
+(JSON: ``totals.cost_avoided`` is null and ``totals.cost_avoided_by_currency`` has them).
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from ragcache.reports import MAX_HOURS, Report, build_report, known_policies
+from ragcache.reports import MAX_HOURS, NO_CURRENCY, Report, build_report, known_policies, shown_cost
 
 
 def positive_int(value: str) -> int:
@@ -38,15 +43,24 @@ COLUMNS = (
 )
 
 
-def _cells(row: dict) -> list[str]:
-    row = dict(row, hit_rate=f"{row['hit_rate']:.1%}", latency_avoided_s=f"{row['latency_avoided_ms'] / 1000:.1f}")
+def _cells(row: dict, cost: str) -> list[str]:
+    row = dict(row, hit_rate=f"{row['hit_rate']:.1%}", latency_avoided_s=f"{row['latency_avoided_ms'] / 1000:.1f}",
+               cost_avoided=cost)
     return [str(row[key]) for _, key in COLUMNS]
+
+
+def per_currency(report: Report) -> str:
+    """``1.50000000 EUR, 2.00000000 USD, 0.00000040 without a model price``."""
+    return ", ".join(shown_cost(amount, currency) if currency != NO_CURRENCY
+                     else f"{shown_cost(amount)} without a model price" for currency, amount in report.costs.items())
 
 
 def render_table(report: Report) -> str:
     header = [title for title, _ in COLUMNS]
-    body = [_cells(row.as_dict()) for row in report.rows]
-    total = _cells(report.totals.as_dict())
+    body = [_cells(row.as_dict(), shown_cost(row.cost_avoided, row.currency)) for row in report.rows]
+    total_cost = ("several currencies" if report.mixed_currencies
+                  else shown_cost(report.totals.cost_avoided, report.totals.currency))
+    total = _cells(report.totals.as_dict(), total_cost)
     widths = [max(len(cells[i]) for cells in [header, *body, total]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -66,6 +80,8 @@ def render_table(report: Report) -> str:
     if not body:
         lines.append("(no usage in this window)")
     lines += [rule, line(total)]
+    if report.mixed_currencies:
+        lines.append(f"Cost avoided per currency (never added together): {per_currency(report)}.")
     return "\n".join(lines)
 
 
