@@ -97,7 +97,7 @@ class CachePolicyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Purge entries (bump generation)", permissions=["change"])
     def purge_entries(self, request, queryset):
-        self.message_user(request, admin_policy.purge_message(admin_policy.purge(queryset)), messages.SUCCESS)
+        admin_policy.purge_and_report(self, request, queryset)
 
     @admin.action(description="Enable selected policies", permissions=["change"])
     def enable_policies(self, request, queryset):

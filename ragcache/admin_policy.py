@@ -22,7 +22,9 @@ from django.utils.html import format_html
 from django.utils.translation import gettext
 
 from . import store
-from .models import CachePolicy, human_duration
+from .conf import get_config
+from .models import CacheFlags, CachePolicy, human_duration
+from .sources import redis_setting
 
 CENSUS_LIMIT = 10_000  # entries counted (and their MEMORY USAGE read) at most
 CENSUS_MAX_SCANNED = 200_000  # keys SCAN walks through at most, per master
@@ -111,12 +113,44 @@ def purge(policies) -> list[tuple[CachePolicy, int, int]]:
     return done
 
 
-def purge_message(done: list[tuple[CachePolicy, int, int]]) -> str:
-    """``Purged 2 policies: default (generation 5 -> 9), faq (generation 6 -> 10). ...``"""
+def announce_now() -> bool:
+    """Write a new policy version to every shard of Redis now, so every process reloads
+    its policies on its next lookup; False when Redis (or one of its masters) does not
+    answer. ``CachePolicy.purge()`` also announces once the transaction commits, without
+    telling anyone whether that worked: this is how the admin knows what to say."""
+    from .policies import announce
+
+    try:
+        announce(CacheFlags.next_sequence())
+    except store.RedisUnavailable:
+        return False
+    return True
+
+
+def purge_message(done: list[tuple[CachePolicy, int, int]], announced: bool = True) -> str:
+    """``Purged 2 policies: default (generation 5 -> 9), faq (generation 6 -> 10). ...``;
+    ``announced=False`` (Redis did not answer): what was done, what was not, and when the
+    other processes catch up."""
     listed = ", ".join(f'"{policy.name}" (generation {old} \u2192 {new})' for policy, old, new in done)
-    longest = max((policy.ttl_seconds for policy, _, _ in done), default=0)
-    return (f"Purged {plural(len(done), 'policy', 'policies')}: {listed}. Their old entries are unreachable from "
-            f"now on, in every process, and expire on their TTL (at most {human_duration(longest)}).")
+    longest = human_duration(max((policy.ttl_seconds for policy, _, _ in done), default=0))
+    if announced:
+        return (f"Purged {plural(len(done), 'policy', 'policies')}: {listed}. Their old entries are unreachable "
+                f"from now on, in every process, and expire on their TTL (at most {longest}).")
+    max_age = human_duration(max(1, round(float(get_config()["POLICY_MAX_AGE"]))))
+    return (f"Purged {plural(len(done), 'policy', 'policies')} in the database only: {listed}. Redis is not "
+            f"answering, so the other processes were not told: each moves to the new generation when it next "
+            f"reloads its policies, within RAGCACHE['POLICY_MAX_AGE'] ({max_age}); until then, once Redis answers "
+            f"again, they may still serve the old entries. Nothing was deleted from Redis (old entries expire on "
+            f"their TTL, at most {longest}). Check {redis_setting()}.")
+
+
+def purge_and_report(model_admin, request, policies) -> None:
+    """Purge ``policies`` and say what happened: a success message when Redis took the
+    news, a warning naming what did not happen when it did not answer."""
+    done = purge(policies)
+    announced = announce_now()
+    model_admin.message_user(request, purge_message(done, announced),
+                             messages.SUCCESS if announced else messages.WARNING)
 
 
 def missing_object_redirect(model_admin, request, object_id: str) -> HttpResponseRedirect:
@@ -142,7 +176,7 @@ def purge_view(model_admin, request, object_id: str):
         return missing_object_redirect(model_admin, request, object_id)
     if not model_admin.has_change_permission(request, policy):
         raise PermissionDenied
-    model_admin.message_user(request, purge_message(purge([policy])), messages.SUCCESS)
+    purge_and_report(model_admin, request, [policy])
     return HttpResponseRedirect(reverse("admin:ragcache_cachepolicy_change", args=[policy.pk]))
 
 

@@ -8,6 +8,7 @@ import logging
 import re
 
 import pytest
+from django.contrib import messages
 from django.contrib.auth.models import Permission, User
 from django.urls import reverse
 
@@ -15,6 +16,8 @@ from ragcache import admin_policy, store
 from ragcache.models import CacheFlags, CachePolicy
 from ragcache.policies import registry
 from ragcache.services import cache_service
+
+from .conftest import free_port
 
 CHANGELIST_URL = reverse("admin:ragcache_cachepolicy_changelist")
 EXPLAIN_URL = reverse("admin:ragcache_cachepolicy_explain")
@@ -105,6 +108,59 @@ def test_purge_of_an_id_naming_no_policy_says_it_does_not_exist(admin_client, po
     (message,) = messages_of(response)
     assert "doesn\u2019t exist" in message and message.startswith("cache policy with ID")
     assert CachePolicy.objects.get(pk=faq.pk).generation == faq.generation
+
+
+def levels_and_messages(response) -> list[tuple[int, str]]:
+    return [(m.level, str(m)) for m in response.wsgi_request._messages]
+
+
+@pytest.fixture
+def redis_unreachable(settings):
+    """ragcache's cache alias pointed at a free port nothing listens on."""
+    caches = {**settings.CACHES}
+    caches["ragcache"] = {**caches["ragcache"], "LOCATION": f"redis://127.0.0.1:{free_port()}/0"}
+    settings.CACHES = caches
+    store.reset_clients()
+    yield
+    store.reset_clients()
+
+
+@pytest.mark.parametrize("how", ["button", "action"])
+def test_purge_with_redis_unreachable_says_what_was_and_was_not_done(admin_client, policy_factory,
+                                                                    redis_unreachable, how,
+                                                                    django_capture_on_commit_callbacks):
+    """It said "Purged ... unreachable from now on, in every process" (a success) while
+    the announcement to the other processes had failed."""
+    faq = policy_factory("faq", ttl_seconds=7200)
+    old = faq.generation
+    with django_capture_on_commit_callbacks(execute=True):
+        if how == "button":
+            response = admin_client.post(reverse("admin:ragcache_cachepolicy_purge", args=[faq.pk]))
+        else:
+            response = admin_client.post(CHANGELIST_URL, {"action": "purge_entries", "_selected_action": [faq.pk]})
+    assert response.status_code == 302
+    faq.refresh_from_db()
+    assert faq.generation > old  # the database part was done
+    (level, message), = levels_and_messages(response)
+    assert level == messages.WARNING
+    assert message.startswith(f'Purged 1 policy in the database only: "faq" (generation {old} \u2192 '
+                              f'{faq.generation}). Redis is not answering, so the other processes were not told')
+    assert "within RAGCACHE['POLICY_MAX_AGE'] (1 min)" in message and "at most 2 h" in message
+    assert "Nothing was deleted from Redis" in message and "Check CACHES['ragcache']['LOCATION']" in message
+    assert "in every process" not in message
+
+
+def test_purge_with_redis_up_tells_every_process_itself(admin_client, policy_factory, redis_client):
+    """Without running the on-commit announcement (a test transaction never commits), the
+    admin's own announcement raises every shard's version copy: what its success says."""
+    from .test_admin import version
+
+    faq = policy_factory("faq")
+    before = version(redis_client)
+    response = admin_client.post(reverse("admin:ragcache_cachepolicy_purge", args=[faq.pk]))
+    (level, message), = levels_and_messages(response)
+    assert level == messages.SUCCESS and "in every process" in message
+    assert version(redis_client) > before
 
 
 def test_purge_of_a_missing_id_without_change_permission_is_refused(client, policy_factory):
