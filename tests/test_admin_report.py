@@ -35,6 +35,24 @@ def rollups(db):
                                model="gpt-4o-mini", lookups=10, hits=1, misses=9, cost_avoided=Decimal("0.125"))
 
 
+# The report's columns: policy (with the model under it), lookups, hits, misses, hit rate, shadow hits,
+# stale sources, stores, refusals, bypasses, tokens avoided, cost avoided, latency avoided (s).
+COST, LATENCY = 11, 12
+
+
+def cells(row: str) -> list[str]:
+    """Each cell's text, tags dropped: ``["faq gpt-4o-mini", "40", ...]``."""
+    return [" ".join(re.sub(r"<[^>]+>", " ", cell).split()) for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+
+
+def rows_by_model(part: str) -> dict[str, list[str]]:
+    return {found[0].split()[-1]: found for found in map(cells, re.findall(r"<tr>(.*?)</tr>", part, re.S)) if found}
+
+
+def total_row(part: str) -> list[str]:
+    return cells(re.search(r'<tr class="total">(.*?)</tr>', part, re.S).group(1))
+
+
 def section(html: str, title: str) -> str:
     start = html.index(f"<h2>{title}</h2>")
     end = html.find("<h2>", start + 1)
@@ -51,13 +69,12 @@ def test_report_page_shows_both_windows_chart_and_backlog(client, rollups):
     html = response.content.decode()
 
     day, week = section(html, "Last 24 hours"), section(html, "Last 7 days")
-    total_day = re.search(r'<tr class="total">(.*?)</tr>', day, re.S).group(1)
-    total_week = re.search(r'<tr class="total">(.*?)</tr>', week, re.S).group(1)
-    cells = lambda row: re.findall(r"<td[^>]*>([^<]*)</td>", row)  # noqa: E731
-    assert cells(total_day)[2:6] == ["40", "30", "10", "75.0%"]
-    assert cells(total_day)[12] == "1.87500000"  # after the stale sources column; 8 places, as prices
-    assert cells(total_week)[2:6] == ["50", "31", "19", "62.0%"]
-    assert cells(total_week)[12] == "2.00000000"
+    total_day, total_week = total_row(day), total_row(week)
+    assert total_day[:5] == ["Total", "40", "30", "10", "75.0%"]
+    assert total_day[COST] == "1.87500000"  # 8 places, as prices
+    assert total_week[:5] == ["Total", "50", "31", "19", "62.0%"]
+    assert total_week[COST] == "2.00000000"
+    assert rows_by_model(day)["gpt-4o-mini"][0] == "faq gpt-4o-mini"  # the model under its policy
     for part in (day, week):
         svg = re.search(r"<svg .*?</svg>", part, re.S).group(0)
         assert 'class="hit-rate"' in svg and 'class="cost-avoided"' in svg
@@ -146,17 +163,17 @@ def test_report_costs_carry_the_currency_and_name_unpriced_models(client, rollup
     client.force_login(staff("viewer", "view_usagerollup"))
     html = client.get(REPORT_URL).content.decode()
     day = section(html, "Last 24 hours")
-    rows = {cells[1]: cells for cells in (re.findall(r"<td[^>]*>([^<]*)</td>", row)
-                                          for row in re.findall(r"<tr>(.*?)</tr>", day, re.S)) if cells}
-    assert rows["gpt-4o-mini"][12] == "1.87500000 EUR"
-    assert rows["local-llm"][12] == "0.00000000"
-    assert rows["local-llm"][13] == "12.3"  # seconds, as ragcache_report prints them
+    rows = rows_by_model(day)
+    assert rows["gpt-4o-mini"][COST] == "1.87500000 EUR"
+    assert rows["local-llm"][COST] == "0.00000000"
+    assert rows["local-llm"][LATENCY] == "12.3"  # seconds, as ragcache_report prints them
     assert "Latency avoided (s)" in day
     assert "No price for local-llm" in day and reverse("admin:ragcache_modelprice_add") in day
     ModelPrice.objects.create(model="local-llm", input_per_1k="0", output_per_1k="0", currency="USD")
     day = section(client.get(REPORT_URL).content.decode(), "Last 24 hours")
     total = re.search(r'<tr class="total">(.*?)</tr>', day, re.S).group(1)
-    assert re.search(r'class="num cost-total">([^/]*)</td>', total).group(1) == "1.87500000 EUR<br>0.00000000 USD"
+    assert re.search(r'class="num cost cost-total">([^/]*)</td>', total).group(1) == \
+        "1.87500000 EUR<br>0.00000000 USD"
     assert "Costs are in several currencies (EUR, USD)" in day
 
 
@@ -219,16 +236,14 @@ def test_report_page_never_adds_costs_in_different_currencies(client, db):
     client.force_login(staff("viewer", "view_usagerollup"))
     day = section(client.get(REPORT_URL).content.decode(), "Last 24 hours")
     total = re.search(r'<tr class="total">(.*?)</tr>', day, re.S).group(1)
-    assert re.search(r'class="num cost-total">([^/]*)</td>', total).group(1) == \
+    assert re.search(r'class="num cost cost-total">([^/]*)</td>', total).group(1) == \
         "1.50000000 EUR<br>2.00000000 USD<br>0.00000040 (no price)"
     assert "3.50000" not in day  # the sum (SVG coordinates may contain "3.5")
     assert "Costs are in several currencies (EUR, USD, no price)" in day
     svg = re.search(r"<svg .*?</svg>", day, re.S).group(0)
     assert 'class="hit-rate"' in svg and 'class="cost-avoided"' not in svg and 'class="cost-dot"' not in svg
     assert "cost avoided: not drawn (several currencies)" in day
-    rows = {cells[1]: cells for cells in (re.findall(r"<td[^>]*>([^<]*)</td>", row)
-                                          for row in re.findall(r"<tr>(.*?)</tr>", day, re.S)) if cells}
-    assert rows["tiny"][12] == "0.00000040"  # was 0.000000: a saving shown as none
+    assert rows_by_model(day)["tiny"][COST] == "0.00000040"  # was 0.000000: a saving shown as none
 
 
 def test_report_chart_cost_axis_keeps_small_amounts(client, db):

@@ -269,6 +269,44 @@ def test_admin_report_chart_and_aggregate_now(admin_page, site):
     assert page.locator("#changelist-filter").get_by_text("By reason").count() == 1
 
 
+def test_admin_report_fits_1280_px(admin_page, site):
+    """The report was 1,493 px wide in a 1,280 px window (14 unwrapped columns). Now its
+    tables fit beside the sidebar for long real model names, six-digit counts and costs in
+    two currencies; a 128-character model name wraps, and anything wider still scrolls the
+    table's own box, never the page."""
+    from ragcache.models import ModelPrice, UsageRollup
+
+    page = admin_page
+    page.set_viewport_size({"width": 1280, "height": 900})
+    ModelPrice.objects.create(model="gpt-4o-mini-2024-07-18", input_per_1k="0.00015", output_per_1k="0.0006")
+    ModelPrice.objects.create(model="mistral-large-latest", input_per_1k="0.002", output_per_1k="0.006",
+                              currency="EUR")
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+
+    def rollup(policy: str, model: str, n: int) -> None:
+        UsageRollup.objects.create(period_start=hour - timedelta(hours=2), granularity="hour", policy=policy,
+                                   model=model, lookups=n, hits=n // 2, misses=n // 3, shadow_hits=n // 10,
+                                   stale_sources=n // 20, stores=n // 3, refusals=n // 50, bypasses=n // 7,
+                                   tokens_avoided=n * 200, cost_avoided=Decimal("0.0011") * n,
+                                   latency_avoided_ms=n * 800.0)
+
+    rollup("support-tickets", "gpt-4o-mini-2024-07-18", 48_213)
+    rollup("default", "mistral-large-latest", 9_876)
+    rollup("faq", "claude-3-5-sonnet-20241022", 512)
+    widths = """() => [document.documentElement.scrollWidth,
+        ...[...document.querySelectorAll('.ragcache-table')].map((box) => box.scrollWidth - box.clientWidth)]"""
+    page.goto(site.url + "/admin/ragcache/usagerollup/report/")
+    shot(page, "admin-report-1280")
+    page_width, *overflows = page.evaluate(widths)
+    assert page_width <= 1280 and len(overflows) == 2 and max(overflows) <= 1, (page_width, overflows)
+    assert "several currencies" in page.locator("p.mixed-currencies").first.inner_text()
+
+    rollup("long", "m" * 128, 7)  # the longest model name a record can hold
+    page.goto(site.url + "/admin/ragcache/usagerollup/report/")
+    page_width, *overflows = page.evaluate(widths)
+    assert page_width <= 1280, page_width
+
+
 # --- demo ---------------------------------------------------------------------------------
 
 def ask(page, question: str) -> str:
