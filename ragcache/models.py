@@ -359,6 +359,16 @@ class GatewayKey(models.Model):
                 {"allowed_cache_controls": f"Enter a JSON list drawn from: {', '.join(sorted(valid))}."})
         if self.policies is None:
             self.policies = []
+        if self.scope and (not self.scope.strip() or not self.scope.isprintable()):
+            raise ValidationError({"scope": "Enter a tenant or user id of printable characters, or leave it empty "
+                                            "for a key without a scope."})
+        if isinstance(self.policies, list) and all(isinstance(p, str) for p in self.policies):
+            # An unknown policy would make every request with this key bypass the cache.
+            found = set(CachePolicy.objects.filter(name__in=self.policies).values_list("name", flat=True))
+            missing = [p for p in self.policies if p not in found]
+            if missing:
+                raise ValidationError({"policies": f"No cache policy named {', '.join(map(repr, missing))}: "
+                                                   "create it first (Cache policies), or remove it here."})
 
 
 class UsageResult(models.TextChoices):

@@ -194,7 +194,7 @@ def test_streams_under_wsgi_too(client, settings):
 
 def test_the_answer_names_the_model_without_its_behaviours(fake_llm):
     body = post(fake_llm, {"model": "demo-llm@long=3", "messages": question("served")}).json()
-    assert body["model"] == "demo-llm"  # so that a price for demo-llm covers demo-llm@...
+    assert body["model"] == "demo-llm"  # as OpenAI answers "gpt-4o-2024-08-06" for "gpt-4o"
     raw = post(fake_llm, {"model": "demo-llm@long=3", "messages": question("served"), "stream": True}).content
     assert b'"model":"demo-llm",' in raw and b"demo-llm@" not in raw
 

@@ -30,9 +30,10 @@ def key_file(tmp_path, settings):
     return settings.DEMO_GATEWAY_KEY_FILE
 
 
-def test_migrate_seeds_a_price_for_the_demo_model(db):
-    price = ModelPrice.objects.get(model=DEMO_MODEL)
-    assert price.input_per_1k > 0 and price.output_per_1k > 0 and price.currency == "USD"
+def test_migrate_seeds_a_price_for_the_demo_models(db, settings):
+    for model in (DEMO_MODEL, settings.DEMO_GATEWAY_MODEL):  # the form's and the page script's
+        price = ModelPrice.objects.get(model=model)
+        assert price.input_per_1k > 0 and price.output_per_1k > 0 and price.currency == "USD"
 
 
 def test_the_demo_key_is_made_once_and_kept_private(db, key_file):

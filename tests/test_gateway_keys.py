@@ -161,6 +161,17 @@ def test_admin_add_refuses_a_control_that_does_not_exist(admin_client):
     assert not GatewayKey.objects.exists()
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("policies", '["default", "nope"]', "No cache policy named &#x27;nope&#x27;"),
+    ("scope", "tenant\x1b7", "Enter a tenant or user id of printable characters"),
+])
+def test_admin_add_refuses_an_unknown_policy_or_an_unprintable_scope(admin_client, field, value, message):
+    data = {"name": "bad-key", "scope": "", "policies": "[]", "is_active": "on", field: value}
+    response = admin_client.post("/admin/ragcache/gatewaykey/add/", data)
+    assert response.status_code == 200 and message in response.content.decode()
+    assert not GatewayKey.objects.exists()
+
+
 def test_admin_change_page_shows_last_use_and_no_secret(admin_client):
     run("create", "seen")
     row = GatewayKey.objects.get(name="seen")
