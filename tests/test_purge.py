@@ -3,6 +3,7 @@ physical cleanup (on every master) that never leaves ragcache's own key prefix."
 from __future__ import annotations
 
 import re
+import time
 from io import StringIO
 
 import pytest
@@ -166,6 +167,22 @@ def test_scan_delete_refuses_patterns_outside_the_prefix(db):
     for pattern in ("*", "other:*", f"{root}*", f"{root.rsplit(':', 1)[0]}:*"):
         with pytest.raises(ValueError):
             store.scan_delete(pattern)
+
+
+def test_a_purge_with_redis_down_warns_that_other_processes_were_not_told(private_redis, two_policies, settings):
+    settings.RAGCACHE = {**settings.RAGCACHE, "BREAKER_COOLDOWN": 0.1}
+    before = CachePolicy.objects.get(name="faq").generation
+    private_redis.stop()
+    out, err = StringIO(), StringIO()
+    call_command("ragcache_purge", "--policy", "faq", stdout=out, stderr=err)
+    assert CachePolicy.objects.get(name="faq").generation > before
+    assert out.getvalue().startswith("Purged policy 'faq'")
+    assert "in the database only" in err.getvalue() and "the other processes were not told" in err.getvalue()
+    private_redis.start()
+    time.sleep(0.2)  # past BREAKER_COOLDOWN: the next call tries Redis again
+    err = StringIO()
+    call_command("ragcache_purge", "--policy", "faq", stdout=StringIO(), stderr=err)
+    assert err.getvalue() == ""  # Redis took the news: nothing to warn about
 
 
 def test_delete_keys_with_redis_down_still_purges(private_redis, two_policies, settings):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from ragcache import store
+from ragcache.admin_policy import announce_now, purge_message
 from ragcache.models import CachePolicy
 
 
@@ -40,16 +41,20 @@ class Command(BaseCommand):
                 raise CommandError(f"No cache policy named {', '.join(unknown)}. Existing policies: {existing}.")
             policies = [found[name] for name in names]
 
+        done = []
         for cache_policy in policies:
             old = cache_policy.generation
             # save() inside: every process reloads its policy snapshot on its next lookup.
             cache_policy.purge()
+            done.append((cache_policy, old, cache_policy.generation))
             line = f"Purged policy {cache_policy.name!r}: generation {old} -> {cache_policy.generation}."
             if delete_keys:
                 line += " " + self._delete_old_keys(cache_policy)
             self.stdout.write(line)
         if not policies:
             self.stdout.write("No cache policies to purge.")
+        elif not announce_now():  # the on-commit announcement cannot say whether Redis took it
+            self.stderr.write(self.style.WARNING(purge_message(done, announced=False)))
 
     def _delete_old_keys(self, cache_policy: CachePolicy) -> str:
         layout = store.current_layout()
