@@ -38,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _common  # noqa: E402
+from tests.cluster import cluster_info  # noqa: E402
 
 MODEL = "gpt-4o-mini"
 ANSWER = {"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "x" * 1999}}],
@@ -83,16 +84,6 @@ def wait(condition, what: str, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"timed out waiting for {what}")
         time.sleep(0.05)
-
-
-def cluster_info(node: ClusterNode) -> dict[str, str]:
-    client = node.client()
-    try:
-        text = client.execute_command("CLUSTER", "INFO")
-    finally:
-        client.close()
-    text = text.decode() if isinstance(text, bytes) else text
-    return dict(line.split(":", 1) for line in text.split() if ":" in line)
 
 
 def start_cluster(pin: bool, with_replica: bool, directory: str, started: list[ClusterNode]) -> None:

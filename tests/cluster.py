@@ -51,6 +51,17 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+def cluster_info(node) -> dict[str, str]:
+    """``CLUSTER INFO`` of one node (anything with a ``client()``) as a dict; bench/cluster.py uses it too."""
+    client = node.client()
+    try:
+        text = client.execute_command("CLUSTER", "INFO")
+    finally:
+        client.close()
+    text = text.decode() if isinstance(text, bytes) else text
+    return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+
 class ClusterNode:
     """One ``redis-server --cluster-enabled yes`` process."""
 
@@ -155,15 +166,6 @@ class LocalCluster:
 
     # --- state ------------------------------------------------------------------------
 
-    def info(self, node: ClusterNode) -> dict[str, str]:
-        client = node.client()
-        try:
-            text = client.execute_command("CLUSTER", "INFO")
-        finally:
-            client.close()
-        text = text.decode() if isinstance(text, bytes) else text
-        return dict(line.split(":", 1) for line in text.split() if ":" in line)
-
     def slots(self) -> dict[int, tuple[int, int]]:
         """Port of each master -> covered range(s) as seen by a live node: {port: (first, last)}."""
         for node in self.nodes:
@@ -204,7 +206,7 @@ class LocalCluster:
             return False
         try:
             for node in self.nodes:
-                info = self.info(node)
+                info = cluster_info(node)
                 if info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != "16384" \
                         or info.get("cluster_known_nodes") != str(len(self.nodes)):
                     return False
