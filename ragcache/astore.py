@@ -24,8 +24,8 @@ async def _pinned_raw(args: Sequence, retry: bool = True) -> Any:
     reused = conn.is_connected
     try:
         return await _command(idle, conn, args)
-    except (redis.ConnectionError, ConnectionError) as exc:
-        if not (reused and retry) or isinstance(exc, redis.TimeoutError):
+    except (redis.ConnectionError, ConnectionError):  # redis-py's TimeoutError is neither: never retried
+        if not (reused and retry):
             raise
         while idle:
             await idle.pop().disconnect(nowait=True)

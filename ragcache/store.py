@@ -53,8 +53,8 @@ def _pinned_raw(args: Sequence, retry: bool = True) -> Any:
     reused = conn._sock is not None
     try:
         return _command(conn, args)
-    except redis.ConnectionError as exc:
-        if not (reused and retry) or isinstance(exc, redis.TimeoutError):
+    except redis.ConnectionError:  # redis-py's TimeoutError is no ConnectionError: never retried
+        if not (reused and retry):
             raise
         return _command(conn, args)  # disconnected by the failure: this connects afresh
 
